@@ -1,0 +1,174 @@
+"""The `ace` command line: thin wrappers over components and flows."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from components.config import PARAMS_FILE, Params, load_params
+from components.errors import AceError
+
+app = typer.Typer(
+    help="ace: ACE-BERT multimodal e-commerce retrieval, run as an MLOps pipeline.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Produce and inspect the input data.", no_args_is_help=True)
+stage_app = typer.Typer(
+    help="Run single pipeline stages (what dvc.yaml calls).", no_args_is_help=True
+)
+pipeline_app = typer.Typer(
+    help="Run the whole pipeline; keep dvc.yaml in step.", no_args_is_help=True
+)
+flows_app = typer.Typer(help="Prefect deployments of the pipeline.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(stage_app, name="stage")
+app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(flows_app, name="flows")
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="The params file to read.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-S", help="Override a param, e.g. -S synth.scale=tiny (repeatable)."),
+]
+
+
+def _parse_overrides(pairs: list[str] | None) -> dict[str, object]:
+    import yaml
+
+    overrides: dict[str, object] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AceError(f"--set {pair!r}: expected KEY=VALUE, e.g. synth.scale=tiny")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _params(path: Path, pairs: list[str] | None = None) -> Params:
+    return load_params(path, _parse_overrides(pairs))
+
+
+@data_app.command("synth")
+def data_synth(
+    scale: Annotated[
+        str | None, typer.Option(help="tiny | demo | bench (default: params synth.scale).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default: params synth.seed).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: params paths.data_dir).")
+    ] = None,
+    params_file: ParamsOption = PARAMS_FILE,
+) -> None:
+    """Generate the synthetic shop world (catalog, images, click log, hidden truth)."""
+    from components.world import generate_world
+
+    overrides: dict[str, object] = {}
+    if scale is not None:
+        overrides["synth.scale"] = scale
+    if seed is not None:
+        overrides["synth.seed"] = seed
+    params = load_params(params_file, overrides)
+    out_dir = out or params.paths.data_dir
+    summary = generate_world(params.synth, out_dir)
+    typer.echo(
+        f"wrote {out_dir}: {summary.n_products} products, {summary.n_impressions} impressions "
+        f"over {summary.days} days ({summary.test_days} test) in {summary.seconds:.1f}s "
+        f"({summary.products_per_second:.0f} products/s)"
+    )
+
+
+@stage_app.command("list")
+def stage_list() -> None:
+    """List the stages in pipeline order."""
+    from components.stages import STAGES
+
+    for stage in STAGES:
+        typer.echo(f"{stage.name:<12} {stage.description}")
+
+
+@stage_app.command("run")
+def stage_run(
+    name: Annotated[str, typer.Argument(help="The stage to run (see `ace stage list`).")],
+    params_file: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Run one stage as an MLflow run and write its outputs and metrics."""
+    from components.stages import get_stage, run_stage
+
+    stage = get_stage(name)
+    metrics = run_stage(stage, _params(params_file, set_))
+    for key, value in metrics.items():
+        typer.echo(f"{key}: {value:g}")
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    stage: Annotated[
+        list[str] | None, typer.Option(help="Run only these stages (repeatable).")
+    ] = None,
+    params_file: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Run the Prefect flow `ace` in this process (no server needed)."""
+    from flows.ace import ace
+
+    ace(params_file=str(params_file), overrides=_parse_overrides(set_), stages=stage)
+
+
+@pipeline_app.command("dvc-yaml")
+def pipeline_dvc_yaml(
+    check: Annotated[bool, typer.Option(help="Fail if dvc.yaml differs; write nothing.")] = False,
+    params_file: ParamsOption = PARAMS_FILE,
+) -> None:
+    """Render dvc.yaml from the stage registry."""
+    from components.stages import render_dvc_yaml
+
+    rendered = render_dvc_yaml(load_params(params_file))
+    target = Path("dvc.yaml")
+    if check:
+        current = target.read_text(encoding="utf-8") if target.exists() else ""
+        if current != rendered:
+            raise AceError(
+                "dvc.yaml is out of step with components/stages.py: run `ace pipeline dvc-yaml`"
+            )
+        typer.echo("dvc.yaml matches the stage registry")
+        return
+    target.write_text(rendered, encoding="utf-8")
+    typer.echo(f"wrote {target}")
+
+
+@flows_app.command("serve")
+def flows_serve() -> None:
+    """Serve the deployments `ace/full` (and later `ace/retrain`) to a running Prefect server."""
+    from flows.serve import serve_deployments
+
+    serve_deployments()
+
+
+def _command_index() -> str:
+    """Every leaf command with its one-line help, so `ace --help` lists them all."""
+    lines = []
+    for group in app.registered_groups:
+        for command in group.typer_instance.registered_commands:
+            summary = (command.callback.__doc__ or "").strip().splitlines()[0]
+            lines.append(f"ace {group.name} {command.name:<10} {summary}")
+    return "\n\n".join(lines)
+
+
+def main() -> None:
+    """Entry point: user-facing errors become one line on stderr and exit code 1."""
+    app.info.epilog = _command_index()
+    # MLflow announces its store migrations at INFO on stderr; a user needs only our own lines.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        app()
+    except AceError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(1)

@@ -1,0 +1,102 @@
+"""The one stage registry: `dvc.yaml` is rendered from it and the Prefect flow iterates it.
+
+Each stage is one function `(params) -> metrics`. Its declaration names the params.yaml sections it
+reads and the paths it depends on and writes, so adding a stage is one entry here plus
+`ace pipeline dvc-yaml` to refresh dvc.yaml (a test fails while the two disagree).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import yaml
+
+from components import tracking
+from components.config import Params
+from components.errors import AceError
+
+Metrics = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Params], Metrics]
+    params: tuple[str, ...]  # params.yaml sections the stage reads
+    code: tuple[str, ...]  # source files whose change must re-run it
+    deps: Callable[[Params], list[Path]]
+    outs: Callable[[Params], list[Path]]
+    description: str
+
+    def metrics_file(self, params: Params) -> Path:
+        # Outside the stage's output folder: DVC forbids a metrics file inside a tracked out.
+        return params.paths.artifacts_dir / "metrics" / f"{self.name}.json"
+
+
+def stage_dir(params: Params, name: str) -> Path:
+    return params.paths.artifacts_dir / name
+
+
+def _validate(params: Params) -> Metrics:
+    from components.validate import validate_data
+
+    out_dir = stage_dir(params, "validate")
+    report = validate_data(params.paths.data_dir, out_dir, params.validate_)
+    for name in ("quarantine.parquet", "validation.json"):
+        if (out_dir / name).exists():
+            mlflow.log_artifact(str(out_dir / name), artifact_path="validate")
+    mlflow.log_dict(dict(report.reasons), "validate/quarantine_reasons.json")
+    return report.metrics()
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        name="validate",
+        run=_validate,
+        params=("validate",),
+        code=("components/validate.py", "components/contract.py"),
+        deps=lambda p: [p.paths.data_dir],
+        outs=lambda p: [stage_dir(p, "validate")],
+        description="Check products and impressions with Great Expectations; quarantine bad rows.",
+    ),
+)
+
+
+def get_stage(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise AceError(f"unknown stage {name!r}; stages are: {', '.join(s.name for s in STAGES)}")
+
+
+def run_stage(stage: Stage, params: Params, parent_run_id: str | None = None) -> Metrics:
+    """Run one stage as an MLflow run (nested under `parent_run_id`) and write its metrics."""
+    section_params = {name: params.section(name).model_dump(mode="json") for name in stage.params}
+    with tracking.stage_run(
+        params.tracking.experiment, stage.name, section_params, parent_run_id=parent_run_id
+    ):
+        metrics = stage.run(params)
+        mlflow.log_metrics(metrics)
+    metrics_file = stage.metrics_file(params)
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return metrics
+
+
+def render_dvc_yaml(params: Params) -> str:
+    """dvc.yaml as the registry declares it: every stage runs through the same `ace stage run`."""
+    stages = {}
+    for stage in STAGES:
+        stages[stage.name] = {
+            "cmd": f"ace stage run {stage.name}",
+            "deps": [*stage.code, *(str(path) for path in stage.deps(params))],
+            "params": list(stage.params),
+            "outs": [str(path) for path in stage.outs(params)],
+            "metrics": [{str(stage.metrics_file(params)): {"cache": False}}],
+        }
+    header = "# Rendered from components/stages.py by `ace pipeline dvc-yaml`; edit the registry.\n"
+    return header + yaml.safe_dump({"stages": stages}, sort_keys=False)

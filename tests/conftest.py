@@ -1,0 +1,53 @@
+"""Shared fixtures: a temporary MLflow store for every test, one tiny world per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from components.config import Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# No telemetry or network from the tools under test.
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test tracks into its own SQLite store, never the user's mlruns/."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def repo_params() -> Params:
+    return load_params(ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_params(repo_params: Params, tmp_path_factory: pytest.TempPathFactory) -> Params:
+    """The repo's params at the tiny scale, reading and writing under a temporary folder."""
+    base = tmp_path_factory.mktemp("tiny")
+    return load_params(
+        ROOT / "params.yaml",
+        {
+            "synth.scale": "tiny",
+            "paths.data_dir": str(base / "data"),
+            "paths.artifacts_dir": str(base / "artifacts"),
+        },
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tiny_params: Params) -> Path:
+    """A tiny synthetic world, generated once per session."""
+    from components.world import generate_world
+
+    generate_world(tiny_params.synth, tiny_params.paths.data_dir, progress=False)
+    return tiny_params.paths.data_dir

@@ -1,0 +1,165 @@
+"""The pipeline shell: stage registry, dvc.yaml, the Prefect flow, MLflow lineage, the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from components import tracking
+from components.config import ConfigError, Params, load_params
+from components.stages import STAGES, get_stage, render_dvc_yaml, run_stage
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+def test_dvc_yaml_is_rendered_from_the_registry(repo_params: Params):
+    assert (ROOT / "dvc.yaml").read_text(encoding="utf-8") == render_dvc_yaml(repo_params)
+
+
+def test_every_stage_reads_existing_sections_and_code(repo_params: Params):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for stage in STAGES:
+        assert set(stage.params) <= set(raw), stage.name
+        for source in stage.code:
+            assert (ROOT / source).is_file(), f"{stage.name}: {source}"
+    assert STAGES[0].name == "validate"
+
+
+def test_bad_params_name_the_file_and_field(tmp_path: Path):
+    bad = tmp_path / "params.yaml"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    raw["validate"]["max_quarantine_share"] = 2
+    bad.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"params\.yaml.*max_quarantine_share"):
+        load_params(bad)
+    with pytest.raises(ConfigError, match="not one of"):
+        load_params(ROOT / "params.yaml", {"synth.scale": "huge"})
+
+
+def test_stage_run_logs_params_metrics_and_lineage(tiny_params: Params, tiny_world: Path):
+    metrics = run_stage(get_stage("validate"), tiny_params)
+    run = MlflowClient().search_runs(
+        [mlflow.get_experiment_by_name(tiny_params.tracking.experiment).experiment_id]
+    )[0]
+    assert run.data.tags["stage"] == "validate"
+    assert run.data.tags["git_commit"] == tracking.git_commit()
+    assert run.data.tags["data_version"] == tracking.data_version()
+    assert run.data.params["validate.max_quarantine_share"] == str(
+        tiny_params.validate_.max_quarantine_share
+    )
+    assert run.data.metrics["products_in"] == metrics["products_in"] > 0
+    written = yaml.safe_load(get_stage("validate").metrics_file(tiny_params).read_text())
+    assert written == metrics
+
+
+def test_data_version_reads_data_dvc(tmp_path: Path):
+    dvc_file = tmp_path / "data.dvc"
+    dvc_file.write_text("outs:\n- md5: abc123.dir\n  path: data\n", encoding="utf-8")
+    assert tracking.data_version(dvc_file) == "abc123.dir"
+    assert tracking.data_version(tmp_path / "missing.dvc") == "untracked"
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_validate_then_nothing(tmp_path: Path, tiny_world: Path, mlflow_store: str):
+    work = tmp_path / "repo"
+    work.mkdir()
+    for name in ("components", "dvc.yaml"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, work / name)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    raw["synth"]["scale"] = "tiny"
+    (work / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    shutil.copytree(tiny_world, work / "data")
+    env = _env(MLFLOW_TRACKING_URI=mlflow_store)
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    subprocess.run([BIN / "dvc", "init", "-q"], cwd=work, check=True, env=env)
+
+    first = subprocess.run(
+        [BIN / "dvc", "repro"], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stderr
+    assert "Running stage 'validate'" in first.stdout
+    assert (work / "artifacts" / "validate" / "products.parquet").is_file()
+    assert (work / "dvc.lock").is_file()
+
+    second = subprocess.run(
+        [BIN / "dvc", "repro"], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert second.returncode == 0, second.stderr
+    assert "Running stage" not in second.stdout
+
+
+@pytest.mark.slow
+def test_prefect_flow_runs_stages_nested_under_one_pipeline_run(
+    tiny_params: Params, tiny_world: Path
+):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.ace import ace
+
+    overrides = {
+        "synth.scale": "tiny",
+        "paths.data_dir": str(tiny_params.paths.data_dir),
+        "paths.artifacts_dir": str(tiny_params.paths.artifacts_dir),
+    }
+    with prefect_test_harness():
+        results = ace(params_file=str(ROOT / "params.yaml"), overrides=overrides)
+    assert set(results) == {s.name for s in STAGES}
+    assert results["validate"]["products_kept"] > 0
+
+    client = MlflowClient()
+    experiment = mlflow.get_experiment_by_name(tiny_params.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert {r.data.tags["stage"] for r in children} == {s.name for s in STAGES}
+
+
+def test_deployment_full_is_offered():
+    from flows.serve import deployments
+
+    assert [d.name for d in deployments()] == ["full"]
+    assert deployments()[0].flow_name == "ace"
+
+
+def test_cli_help_lists_every_command():
+    result = subprocess.run(
+        [BIN / "ace", "--help"], capture_output=True, text=True, env=_env(), check=True
+    )
+    from components.cli import app
+
+    help_text = " ".join(result.stdout.split())
+    for group in app.registered_groups:
+        for command in group.typer_instance.registered_commands:
+            assert f"ace {group.name} {command.name}" in help_text
+
+
+def test_cli_errors_are_one_line(tmp_path: Path):
+    result = subprocess.run(
+        [BIN / "ace", "stage", "run", "validate", "-S", f"paths.data_dir={tmp_path / 'nowhere'}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "nowhere" in lines[0]
