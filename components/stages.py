@@ -81,9 +81,11 @@ def run_stage(stage: Stage, params: Params, parent_run_id: str | None = None) ->
     ):
         metrics = stage.run(params)
         mlflow.log_metrics(metrics)
+    # Timings differ run to run: they stay in MLflow, so dvc.lock only changes when results do.
+    stable = {key: value for key, value in metrics.items() if not key.endswith("seconds")}
     metrics_file = stage.metrics_file(params)
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    metrics_file.write_text(json.dumps(stable, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return metrics
 
 
