@@ -29,7 +29,9 @@ flows_app = typer.Typer(help="Prefect deployments of the pipeline.", no_args_is_
 app.add_typer(data_app, name="data")
 app.add_typer(stage_app, name="stage")
 app.add_typer(pipeline_app, name="pipeline")
+features_app = typer.Typer(help="Inspect the image features.", no_args_is_help=True)
 app.add_typer(flows_app, name="flows")
+app.add_typer(features_app, name="features")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="The params file to read.")]
 SetOption = Annotated[
@@ -140,6 +142,23 @@ def pipeline_dvc_yaml(
         typer.echo("dvc.yaml matches the stage registry")
         return
     target.write_text(rendered, encoding="utf-8")
+    typer.echo(f"wrote {target}")
+
+
+@features_app.command("show")
+def features_show(
+    product_id: Annotated[str, typer.Argument(help="The product to draw.")],
+    out: Annotated[
+        Path | None, typer.Option(help="PNG to write (default: roi_<product_id>.png).")
+    ] = None,
+    params_file: ParamsOption = PARAMS_FILE,
+) -> None:
+    """Draw a product's image with its RoI and patch grid: what the model sees."""
+    from components.features import show_product
+
+    params = load_params(params_file)
+    target = out or Path(f"roi_{product_id}.png")
+    show_product(product_id, params, target)
     typer.echo(f"wrote {target}")
 
 

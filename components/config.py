@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -85,6 +86,55 @@ class ValidateConfig(_Section):
     max_quarantine_share: Share = Field(default=0.05, ge=0, le=1)
 
 
+class RoiConfig(_Section):
+    """Edge-detection RoI (components/roi.py explains each step)."""
+
+    canny_low: int = Field(default=40, ge=0)
+    canny_high: int = Field(default=200, ge=1)
+    join_frac: float = Field(default=0.03, gt=0, le=0.5)  # dilation kernel, share of short side
+    min_area_frac: Share = Field(default=0.02, ge=0, le=1)  # smallest hull, share of the image
+    merge_rel: Share = Field(default=0.3, ge=0, le=1)  # hull area, relative to the winner, to join
+    merge_gap: float = Field(default=0.1, ge=0)  # how near a joiner must be, share of the box side
+    min_runs: int = Field(default=2, ge=1)  # edge runs a boundary row/column must cross
+    margin: int = Field(default=1, ge=0)  # pixels added around the final box
+
+
+class FeaturesConfig(_Section):
+    backbone: str = "efficientnet-lite0"
+    device: str = "auto"
+    grid: int = Field(default=4, ge=1)  # patches per side: grid**2 patch tokens
+    patch_input: int = Field(default=64, ge=8)  # side each patch is resized to for the CNN
+    pixel_size: int = Field(default=224, ge=8)  # whole image resized to this square
+    pixel_patch: int = Field(default=32, ge=1)  # side of one pixel token
+    batch_size: int = Field(default=0, ge=0)  # crops per CNN batch; 0 = the backbone's default
+    variants: tuple[Literal["roi", "full"], ...] = ("roi", "full")
+    read_workers: int = Field(default=2, ge=1)
+    samples_logged: int = Field(default=16, ge=0)
+    roi: RoiConfig = RoiConfig()
+
+    @model_validator(mode="after")
+    def _pixels_tile(self) -> FeaturesConfig:
+        if self.pixel_size % self.pixel_patch:
+            raise ValueError(
+                f"pixel_size {self.pixel_size} is not a multiple of pixel_patch {self.pixel_patch}"
+            )
+        if not self.variants:
+            raise ValueError("variants must name at least one of roi, full")
+        return self
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def n_pixel_tokens(self) -> int:
+        return (self.pixel_size // self.pixel_patch) ** 2
+
+    @property
+    def pixel_dim(self) -> int:
+        return self.pixel_patch**2 * 3
+
+
 class TrackingConfig(_Section):
     experiment: str = "ace"
     registered_model: str = "ace"
@@ -94,6 +144,7 @@ class Params(_Section):
     paths: PathsConfig = PathsConfig()
     synth: SynthConfig
     validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+    features: FeaturesConfig = FeaturesConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

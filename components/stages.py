@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import yaml
 
-from components import tracking
+from components import contract, tracking
 from components.config import Params
 from components.errors import AceError
 
@@ -31,6 +32,8 @@ class Stage:
     deps: Callable[[Params], list[Path]]
     outs: Callable[[Params], list[Path]]
     description: str
+    # Outputs DVC keeps in place across runs: the stage reuses what is still valid in them.
+    persist: bool = False
 
     def metrics_file(self, params: Params) -> Path:
         # Outside the stage's output folder: DVC forbids a metrics file inside a tracked out.
@@ -39,6 +42,20 @@ class Stage:
 
 def stage_dir(params: Params, name: str) -> Path:
     return params.paths.artifacts_dir / name
+
+
+def _features(params: Params) -> Metrics:
+    from components.features import build_features
+
+    products = pd.read_parquet(stage_dir(params, "validate") / "products.parquet")
+    truth_file = params.paths.data_dir / contract.TRUTH_DIR / "products.parquet"
+    truth = pd.read_parquet(truth_file) if truth_file.exists() else None  # diagnostics only
+    out_dir = stage_dir(params, "features")
+    report = build_features(products, params.paths.data_dir, out_dir, params.features, truth)
+    for name in ("samples.png", "manifest.json", "failed.parquet"):
+        if (out_dir / name).exists():
+            mlflow.log_artifact(str(out_dir / name), artifact_path="features")
+    return report.metrics()
 
 
 def _validate(params: Params) -> Metrics:
@@ -62,6 +79,16 @@ STAGES: tuple[Stage, ...] = (
         deps=lambda p: [p.paths.data_dir],
         outs=lambda p: [stage_dir(p, "validate")],
         description="Check products and impressions with Great Expectations; quarantine bad rows.",
+    ),
+    Stage(
+        name="features",
+        run=_features,
+        params=("features",),
+        code=("components/features.py", "components/roi.py", "components/backbones.py"),
+        deps=lambda p: [stage_dir(p, "validate"), p.paths.data_dir],
+        outs=lambda p: [stage_dir(p, "features")],
+        description="RoI by edge detection, CNN patch features, pixel tokens: the image tokens.",
+        persist=True,
     ),
 )
 
@@ -97,7 +124,10 @@ def render_dvc_yaml(params: Params) -> str:
             "cmd": f"ace stage run {stage.name}",
             "deps": [*stage.code, *(str(path) for path in stage.deps(params))],
             "params": list(stage.params),
-            "outs": [str(path) for path in stage.outs(params)],
+            "outs": [
+                {str(path): {"persist": True}} if stage.persist else str(path)
+                for path in stage.outs(params)
+            ],
             "metrics": [{str(stage.metrics_file(params)): {"cache": False}}],
         }
     header = "# Rendered from components/stages.py by `ace pipeline dvc-yaml`; edit the registry.\n"

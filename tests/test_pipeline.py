@@ -74,7 +74,9 @@ def test_data_version_reads_data_dvc(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_validate_then_nothing(tmp_path: Path, tiny_world: Path, mlflow_store: str):
+def test_dvc_repro_runs_every_stage_then_nothing(
+    tmp_path: Path, tiny_world: Path, mlflow_store: str
+):
     work = tmp_path / "repo"
     work.mkdir()
     for name in ("components", "dvc.yaml"):
@@ -95,8 +97,10 @@ def test_dvc_repro_runs_validate_then_nothing(tmp_path: Path, tiny_world: Path, 
         [BIN / "dvc", "repro"], cwd=work, env=env, capture_output=True, text=True
     )
     assert first.returncode == 0, first.stderr
-    assert "Running stage 'validate'" in first.stdout
+    for stage in STAGES:
+        assert f"Running stage '{stage.name}'" in first.stdout
     assert (work / "artifacts" / "validate" / "products.parquet").is_file()
+    assert (work / "artifacts" / "features" / "manifest.json").is_file()
     assert (work / "dvc.lock").is_file()
 
     second = subprocess.run(
