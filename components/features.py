@@ -189,7 +189,8 @@ def build_features(
         ok = np.zeros(n, bool)
         failures: list[tuple[str, str]] = []
         reused = computed = 0
-        fp16_error = 0.0
+        # Reused rows keep the conversion error measured when they were computed.
+        fp16_error = float(previous.manifest.get("fp16_max_rel_error", 0.0)) if previous else 0.0
 
         ids = products.product_id.astype(str).tolist()
         paths = [data_dir / p for p in products.image_path.astype(str)]
@@ -284,6 +285,7 @@ def build_features(
             "pixel_dim": cfg.pixel_dim,
             "variants": list(cfg.variants),
             "counts": {k: v for k, v in report.metrics().items() if k.startswith("n_")},
+            "fp16_max_rel_error": fp16_error,
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if cfg.samples_logged:

@@ -131,6 +131,7 @@ def test_rerun_reuses_rows_and_computes_only_new_or_changed(
 
     again = build_features(products.head(8), data, out, FAST, progress=False)
     assert (again.n_reused, again.n_computed) == (8, 0)
+    assert again.fp16_max_rel_error == first.fp16_max_rel_error > 0
     assert np.array_equal(np.array(FeatureStore(out).patches("roi")), before)
 
     changed = products.image_path.iloc[2]
