@@ -135,6 +135,73 @@ class FeaturesConfig(_Section):
         return self.pixel_patch**2 * 3
 
 
+Variant = Literal["twinbert", "fashionbert", "cebert", "acebert", "cebert_hot", "cebert_adv"]
+
+
+class ModelConfig(_Section):
+    """Which of the paper's models to build; threads through pretrain, finetune and evaluate."""
+
+    variant: Variant = "acebert"
+
+    @property
+    def use_patches(self) -> bool:
+        return self.variant != "twinbert"
+
+    @property
+    def use_pixels(self) -> bool:
+        return self.variant not in ("twinbert", "fashionbert")
+
+    @property
+    def patch_source(self) -> Literal["roi", "full"]:
+        return "full" if self.variant == "fashionbert" else "roi"
+
+    @property
+    def hot_queries(self) -> bool:
+        return self.variant in ("acebert", "cebert_hot")
+
+    @property
+    def adversarial(self) -> bool:
+        return self.variant in ("acebert", "cebert_adv")
+
+
+class SplitConfig(_Section):
+    """The last `test_days` days of the click log are the test period; nothing from them trains."""
+
+    test_days: int = Field(default=1, ge=1)
+
+
+class LossWeights(_Section):
+    mlm: float = Field(default=1.0, ge=0)
+    mpm: float = Field(default=1.0, ge=0)
+    tip: float = Field(default=1.0, ge=0)
+
+
+class PretrainConfig(_Section):
+    init_from: str | None = None  # a BERT checkpoint (dir or name); None = random init + own vocab
+    vocab_size: int = Field(default=8000, ge=100)  # WordPiece trained on titles + training queries
+    hidden_size: int = Field(default=128, ge=8)
+    num_layers: int = Field(default=4, ge=1)
+    num_heads: int = Field(default=2, ge=1)
+    intermediate_size: int = Field(default=512, ge=8)
+    max_text_len: int = Field(default=48, ge=8)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    mlm_probability: Share = Field(default=0.15, gt=0, lt=1)
+    mpm_probability: Share = Field(default=0.15, gt=0, lt=1)
+    tip_negatives: int = Field(default=3, ge=0)  # per positive (paper 4.1: 1:3)
+    loss_weights: LossWeights = LossWeights()
+    batch_size: int = Field(default=64, ge=1)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_steps: int = Field(default=200, ge=0)
+    epochs: int = Field(default=4, ge=1)
+    max_steps: int = Field(default=0, ge=0)  # 0: run `epochs`
+    grad_clip: float = Field(default=1.0, gt=0)
+    checkpoint_every: int = Field(default=200, ge=1)
+    eval_share: Share = Field(default=0.05, gt=0, lt=1)  # held-out products
+    seed: int = 13
+    device: str = "auto"
+
+
 class TrackingConfig(_Section):
     experiment: str = "ace"
     registered_model: str = "ace"
@@ -145,6 +212,9 @@ class Params(_Section):
     synth: SynthConfig
     validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
     features: FeaturesConfig = FeaturesConfig()
+    model: ModelConfig = ModelConfig()
+    split: SplitConfig = SplitConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -1,0 +1,305 @@
+"""CE-BERT (paper section 2): one BERT over [CLS] text [SEP] patch tokens [SEP] pixel tokens.
+
+Follows transformers' conventions: `CeBertConfig` (a BertConfig plus the image inputs), the base
+`CeBertModel` and the pre-training model `CeBertForPreTraining`, saved and loaded with
+`save_pretrained` / `from_pretrained` as safetensors.
+
+The encoder is a stock transformers `BertModel` fed through `inputs_embeds`: text tokens use its
+word embeddings, patch features and flattened pixel patches go through their own linear layers to
+the hidden size; BERT's embedding layer then adds position and segment embeddings (segment 0 text,
+1 patches, 2 pixels: one per modality) and its LayerNorm. Because the encoder is an unmodified
+BertModel, any BERT checkpoint initialises it (`init_text_encoder_from`), truncated to the
+configured number of layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertModel, BertPreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from components.errors import AceError
+
+TEXT_SEGMENT, PATCH_SEGMENT, PIXEL_SEGMENT = 0, 1, 2
+
+
+class CeBertConfig(BertConfig):
+    """BERT's config plus which image inputs the model reads and their sizes.
+
+    `use_patches`/`use_pixels` select the paper's variants: TwinBERT reads neither, FashionBERT
+    only patches (over the whole image: `patch_source="full"`), CE-BERT both (RoI patches).
+    """
+
+    model_type = "ce-bert"
+
+    def __init__(
+        self,
+        patch_dim: int = 1280,
+        n_patches: int = 16,
+        pixel_dim: int = 3072,
+        n_pixel_tokens: int = 49,
+        use_patches: bool = True,
+        use_pixels: bool = True,
+        patch_source: str = "roi",
+        max_text_len: int = 48,
+        sep_token_id: int = 3,
+        **kwargs: object,
+    ) -> None:
+        kwargs.setdefault("type_vocab_size", 3)
+        super().__init__(**kwargs)
+        self.patch_dim = patch_dim
+        self.n_patches = n_patches
+        self.pixel_dim = pixel_dim
+        self.n_pixel_tokens = n_pixel_tokens
+        self.use_patches = use_patches
+        self.use_pixels = use_pixels
+        self.patch_source = patch_source
+        self.max_text_len = max_text_len
+        self.sep_token_id = sep_token_id
+
+    @property
+    def n_image_tokens(self) -> int:
+        patches = self.n_patches if self.use_patches else 0
+        pixels = self.n_pixel_tokens if self.use_pixels else 0
+        return patches + pixels + (1 if patches and pixels else 0)  # + the [SEP] between them
+
+
+class CeBertPreTrainedModel(BertPreTrainedModel):
+    config_class = CeBertConfig
+    base_model_prefix = "ce_bert"
+
+
+class CeBertModel(CeBertPreTrainedModel):
+    """The multimodal encoder: returns BERT's outputs over the joint sequence."""
+
+    def __init__(self, config: CeBertConfig) -> None:
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=True)
+        h = config.hidden_size
+        self.patch_proj = nn.Linear(config.patch_dim, h) if config.use_patches else None
+        self.pixel_proj = nn.Linear(config.pixel_dim, h) if config.use_pixels else None
+        self.post_init()
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        patch_features: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs_embeds, token_type_ids, attention_mask) of the joint sequence.
+
+        Image inputs are optional per call (the query tower has none) but, when given, must be
+        what the config says the model reads. Masked patches (`patch_mask` True) enter as zero
+        vectors, as in FashionBERT's masked patch modelling.
+        """
+        cfg = self.config
+        words = self.bert.embeddings.word_embeddings
+        parts, types, masks = [words(input_ids)], [torch.zeros_like(input_ids)], [attention_mask]
+        batch, device = input_ids.shape[0], input_ids.device
+        has_patches = patch_features is not None
+        if has_patches:
+            if self.patch_proj is None:
+                raise AceError("this model was configured without patch tokens (use_patches=False)")
+            feats = patch_features.to(self.patch_proj.weight.dtype)
+            if patch_mask is not None:
+                feats = feats.masked_fill(patch_mask.unsqueeze(-1), 0.0)
+            parts.append(self.patch_proj(feats))
+            types.append(torch.full(feats.shape[:2], PATCH_SEGMENT, device=device))
+        if pixel_values is not None:
+            if self.pixel_proj is None:
+                raise AceError("this model was configured without pixel tokens (use_pixels=False)")
+            if has_patches:  # [SEP] between the two image parts
+                sep = torch.full((batch, 1), cfg.sep_token_id, device=device)
+                parts.append(words(sep))
+                types.append(torch.full((batch, 1), PATCH_SEGMENT, device=device))
+            # uint8 pixels -> [-1, 1]; the linear layer learns the rest of the scaling.
+            pixels = pixel_values.to(self.pixel_proj.weight.dtype) / 127.5 - 1.0
+            parts.append(self.pixel_proj(pixels))
+            types.append(torch.full(pixels.shape[:2], PIXEL_SEGMENT, device=device))
+        image_len = sum(p.shape[1] for p in parts[1:])
+        if image_len:
+            masks.append(torch.ones((batch, image_len), dtype=attention_mask.dtype, device=device))
+        return torch.cat(parts, 1), torch.cat(types, 1).long(), torch.cat(masks, 1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        patch_features: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence output (B, L, H), pooled [CLS] output (B, H))."""
+        embeds, types, mask = self.embed(
+            input_ids, attention_mask, patch_features, pixel_values, patch_mask
+        )
+        out = self.bert(inputs_embeds=embeds, token_type_ids=types, attention_mask=mask)
+        return out.last_hidden_state, out.pooler_output
+
+
+class _Transform(nn.Module):
+    """BERT's prediction-head transform: dense, activation, LayerNorm."""
+
+    def __init__(self, config: CeBertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(x)))
+
+
+@dataclass
+class PreTrainingOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    mpm_loss: torch.Tensor | None = None
+    tip_loss: torch.Tensor | None = None
+    mlm_logits: torch.Tensor | None = None
+    mpm_logits: torch.Tensor | None = None
+    tip_logits: torch.Tensor | None = None
+
+
+def mpm_kl(raw_features: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """Paper Eq. 2 per masked patch: KL(p || q), p = softmax(raw feature), q = softmax(output).
+
+    Both distributions are over the feature dimension (FashionBERT's
+    image_reconstruction_kld_loss). Returns one value per row.
+    """
+    log_p = F.log_softmax(raw_features.float(), dim=-1)
+    log_q = F.log_softmax(predicted.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+class CeBertForPreTraining(CeBertPreTrainedModel):
+    """CE-BERT with its three pre-training heads: MLM, MPM (KL) and TIP (paper 2.2)."""
+
+    def __init__(self, config: CeBertConfig) -> None:
+        super().__init__(config)
+        self.ce_bert = CeBertModel(config)
+        self.mlm_transform = _Transform(config)
+        # The MLM decoder reuses the word embeddings (as BERT ties them) through a matmul in
+        # forward, so no weight is shared between two parameters and checkpoints stay simple.
+        self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.mpm_head = (
+            nn.Sequential(_Transform(config), nn.Linear(config.hidden_size, config.patch_dim))
+            if config.use_patches
+            else None
+        )
+        self.tip_head = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        patch_features: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        tip_labels: torch.Tensor | None = None,
+        loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    ) -> PreTrainingOutput:
+        """Losses are computed for the labels given. MLM and MPM count only matched pairs
+        (tip_labels == 1, or every row without TIP labels): a mismatched image cannot help
+        reconstruct the title, nor the title the image."""
+        sequence, pooled = self.ce_bert(
+            input_ids, attention_mask, patch_features, pixel_values, patch_mask
+        )
+        text_len = input_ids.shape[1]
+        words = self.ce_bert.bert.embeddings.word_embeddings.weight
+        mlm_logits = self.mlm_transform(sequence[:, :text_len]) @ words.T + self.mlm_bias
+        tip_logits = self.tip_head(pooled).squeeze(-1)
+        mpm_logits = None
+        if self.mpm_head is not None and patch_features is not None:
+            n = self.config.n_patches
+            mpm_logits = self.mpm_head(sequence[:, text_len : text_len + n])
+
+        matched = (
+            tip_labels.bool()
+            if tip_labels is not None
+            else torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        )
+        zero = sequence.new_zeros(())
+        mlm_loss = mpm_loss = tip_loss = None
+        if mlm_labels is not None:
+            labels = mlm_labels.masked_fill(~matched.unsqueeze(1), -100)
+            if (labels != -100).any():
+                mlm_loss = F.cross_entropy(
+                    mlm_logits.reshape(-1, mlm_logits.shape[-1]), labels.reshape(-1)
+                )
+            else:
+                mlm_loss = zero
+        if mpm_logits is not None and patch_mask is not None:
+            chosen = patch_mask & matched.unsqueeze(1)
+            kl = mpm_kl(patch_features[chosen], mpm_logits[chosen])
+            mpm_loss = kl.mean() if kl.numel() else zero
+        if tip_labels is not None:
+            tip_loss = F.binary_cross_entropy_with_logits(tip_logits, tip_labels.float())
+        w_mlm, w_mpm, w_tip = loss_weights
+        terms = [
+            (w, loss)
+            for w, loss in ((w_mlm, mlm_loss), (w_mpm, mpm_loss), (w_tip, tip_loss))
+            if loss is not None
+        ]
+        total = sum(w * loss for w, loss in terms) if terms else None
+        return PreTrainingOutput(
+            loss=total,
+            mlm_loss=mlm_loss,
+            mpm_loss=mpm_loss,
+            tip_loss=tip_loss,
+            mlm_logits=mlm_logits,
+            mpm_logits=mpm_logits,
+            tip_logits=tip_logits,
+        )
+
+
+def init_text_encoder_from(model: CeBertPreTrainedModel, name_or_path: str | Path) -> list[str]:
+    """Copy a BERT checkpoint's weights into the model's encoder, first N layers only.
+
+    The checkpoint's hidden size, heads and vocabulary must match the config (build the config
+    from the checkpoint's). Its 2 segment embeddings seed our 3: the third (pixels) starts as a
+    copy of the second. Returns the checkpoint keys that were not used (the dropped layers).
+    """
+    encoder: BertModel = model.ce_bert.bert if hasattr(model, "ce_bert") else model.bert
+    try:
+        source = BertModel.from_pretrained(str(name_or_path), add_pooling_layer=True)
+    except (OSError, ValueError) as err:
+        raise AceError(
+            f"{name_or_path}: not a BERT checkpoint transformers can load ({err})"
+        ) from err
+    theirs = source.state_dict()
+    ours = encoder.state_dict()
+    unused = []
+    for key, value in theirs.items():
+        if key not in ours:
+            unused.append(key)
+            continue
+        target = ours[key]
+        if key.endswith("token_type_embeddings.weight") and value.shape[0] < target.shape[0]:
+            grown = target.clone()
+            grown[: value.shape[0]] = value
+            grown[value.shape[0] :] = value[-1]
+            value = grown
+        elif key.endswith("position_embeddings.weight") and value.shape[0] != target.shape[0]:
+            rows = min(value.shape[0], target.shape[0])
+            grown = target.clone()
+            grown[:rows] = value[:rows]
+            value = grown
+        if value.shape != target.shape:
+            raise AceError(
+                f"{name_or_path}: {key} has shape {tuple(value.shape)}, the config wants "
+                f"{tuple(target.shape)}: build the config from the checkpoint's"
+            )
+        ours[key] = value
+    encoder.load_state_dict(ours)
+    return unused
