@@ -25,6 +25,22 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
+# The repo's params shrunk for tests: the tiny world and models that train in seconds.
+TINY_OVERRIDES: dict[str, object] = {
+    "synth.scale": "tiny",
+    "features.patch_input": 32,
+    "features.variants": ["roi"],
+    "pretrain.vocab_size": 400,
+    "pretrain.hidden_size": 32,
+    "pretrain.num_layers": 1,
+    "pretrain.num_heads": 2,
+    "pretrain.intermediate_size": 64,
+    "pretrain.batch_size": 32,
+    "pretrain.epochs": 1,
+    "pretrain.warmup_steps": 2,
+}
+
+
 @pytest.fixture(scope="session")
 def repo_params() -> Params:
     return load_params(ROOT / "params.yaml")
@@ -37,7 +53,7 @@ def tiny_params(repo_params: Params, tmp_path_factory: pytest.TempPathFactory) -
     return load_params(
         ROOT / "params.yaml",
         {
-            "synth.scale": "tiny",
+            **TINY_OVERRIDES,
             "paths.data_dir": str(base / "data"),
             "paths.artifacts_dir": str(base / "artifacts"),
         },

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from components import tracking
 from components.config import ConfigError, Params, load_params
 from components.stages import STAGES, get_stage, render_dvc_yaml, run_stage
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_OVERRIDES
 
 BIN = Path(sys.executable).parent
 
@@ -86,7 +86,9 @@ def test_dvc_repro_runs_every_stage_then_nothing(
         else:
             shutil.copy(source, work / name)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    raw["synth"]["scale"] = "tiny"
+    for dotted, value in TINY_OVERRIDES.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
     (work / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     shutil.copytree(tiny_world, work / "data")
     env = _env(MLFLOW_TRACKING_URI=mlflow_store)
@@ -119,7 +121,7 @@ def test_prefect_flow_runs_stages_nested_under_one_pipeline_run(
     from flows.ace import ace
 
     overrides = {
-        "synth.scale": "tiny",
+        **TINY_OVERRIDES,
         "paths.data_dir": str(tiny_params.paths.data_dir),
         "paths.artifacts_dir": str(tiny_params.paths.artifacts_dir),
     }
