@@ -192,6 +192,13 @@ def build_features(
         # Reused rows keep the conversion error measured when they were computed.
         fp16_error = float(previous.manifest.get("fp16_max_rel_error", 0.0)) if previous else 0.0
 
+        # The previous store's arrays and columns, opened once rather than per reused row.
+        if previous is not None:
+            old_patches = {v: previous.patches(v) for v in cfg.variants}
+            old_pixels = previous.pixels()
+            old_md5 = previous.index.image_md5.to_numpy()
+            old_boxes = previous.index[["roi_x0", "roi_y0", "roi_x1", "roi_y1"]].to_numpy()
+            old_fallback = previous.index.roi_fallback.to_numpy()
         ids = products.product_id.astype(str).tolist()
         paths = [data_dir / p for p in products.image_path.astype(str)]
         bar = tqdm(total=n, desc="features", unit="img", disable=not progress)
@@ -205,12 +212,12 @@ def build_features(
                         failures.append((ids[r], f"{paths[r]}: {reason}"))
                         continue
                     old_row = previous.row_of.get(ids[r]) if previous else None
-                    if old_row is not None and previous.index.image_md5.iloc[old_row] == md5:
+                    if old_row is not None and old_md5[old_row] == md5:
                         for v in cfg.variants:
-                            arrays[v][r] = previous.patches(v)[old_row]
-                        pixels[r] = previous.pixels()[old_row]
-                        boxes[r] = previous.box(ids[r])
-                        fallback[r] = bool(previous.index.roi_fallback.iloc[old_row])
+                            arrays[v][r] = old_patches[v][old_row]
+                        pixels[r] = old_pixels[old_row]
+                        boxes[r] = old_boxes[old_row]
+                        fallback[r] = bool(old_fallback[old_row])
                         ok[r] = True
                         reused += 1
                     else:
