@@ -183,21 +183,74 @@ class PretrainConfig(_Section):
     num_layers: int = Field(default=4, ge=1)
     num_heads: int = Field(default=2, ge=1)
     intermediate_size: int = Field(default=512, ge=8)
-    max_text_len: int = Field(default=48, ge=8)
+    max_text_len: int = Field(default=48, ge=8)  # title tokens, [CLS] and [SEP] included
+    # Image tokens are numbered from here, so any text up to this long (a title with hot queries
+    # on the product side) leaves their positions unchanged.
+    text_positions: int = Field(default=128, ge=8)
     dropout: float = Field(default=0.1, ge=0, lt=1)
+    init_range: float = Field(default=0.02, gt=0)  # std of the random initial weights
+    # What the TIP head reads: "cls" (the paper's [CLS]), "mean" (all states through the
+    # pooler), "match" ([CLS] plus a bilinear match of the text and image means).
+    tip_pooling: Literal["cls", "mean", "match"] = "match"
     mlm_probability: Share = Field(default=0.15, gt=0, lt=1)
     mpm_probability: Share = Field(default=0.15, gt=0, lt=1)
     tip_negatives: int = Field(default=3, ge=0)  # per positive (paper 4.1: 1:3)
     loss_weights: LossWeights = LossWeights()
     batch_size: int = Field(default=64, ge=1)
-    learning_rate: float = Field(default=2e-4, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_steps: int = Field(default=200, ge=0)
-    epochs: int = Field(default=4, ge=1)
+    epochs: int = Field(default=6, ge=1)
     max_steps: int = Field(default=0, ge=0)  # 0: run `epochs`
     grad_clip: float = Field(default=1.0, gt=0)
     checkpoint_every: int = Field(default=200, ge=1)
     eval_share: Share = Field(default=0.05, gt=0, lt=1)  # held-out products
+    seed: int = 13
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _text_fits(self) -> PretrainConfig:
+        if self.max_text_len > self.text_positions:
+            raise ValueError(
+                f"max_text_len {self.max_text_len} exceeds text_positions {self.text_positions}"
+            )
+        return self
+
+
+class AdversarialConfig(_Section):
+    """Paper 3.3: the towers minimise L_main - weight * L_adv, the domain classifier L_adv."""
+
+    weight: float = Field(default=0.1, ge=0)  # lambda
+    tower_steps: int = Field(default=5, ge=1)  # k tower steps with the classifier fixed ...
+    classifier_steps: int = Field(default=1, ge=1)  # ... then this many classifier steps
+    classifier_learning_rate: float = Field(default=1e-3, gt=0)
+    classifier_hidden: int = Field(default=64, ge=1)
+
+
+class FinetuneConfig(_Section):
+    embedding_dim: int = Field(default=128, ge=2)  # each tower's L2-normalised output
+    gamma: float = Field(default=20.0, gt=0)  # softmax smoothing of the cosine (Eq. 4)
+    hot_queries: int = Field(default=10, ge=1)  # per product, most-clicked training queries
+    max_query_len: int = Field(default=16, ge=4)
+    max_product_text_len: int = Field(default=112, ge=8)  # title [SEP] hot queries
+    partitions: int = Field(default=20, ge=1)  # mixed negative sampling (paper 4.3)
+    batch_size: int = Field(default=64, ge=2)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_steps: int = Field(default=100, ge=0)
+    epochs: int = Field(default=3, ge=1)
+    max_steps: int = Field(default=0, ge=0)  # 0: run `epochs`
+    grad_clip: float = Field(default=1.0, gt=0)
+    checkpoint_every: int = Field(default=200, ge=1)
+    adversarial: AdversarialConfig = AdversarialConfig()
+    seed: int = 13
+    device: str = "auto"
+
+
+class EvaluateConfig(_Section):
+    ks: tuple[int, ...] = (10, 50, 100)  # Recall@K
+    batch_size: int = Field(default=128, ge=1)  # encoding
+    map_points: int = Field(default=1000, ge=10)  # queries and as many products in the 2-D map
     seed: int = 13
     device: str = "auto"
 
@@ -215,6 +268,8 @@ class Params(_Section):
     model: ModelConfig = ModelConfig()
     split: SplitConfig = SplitConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

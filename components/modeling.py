@@ -10,6 +10,16 @@ the hidden size; BERT's embedding layer then adds position and segment embedding
 1 patches, 2 pixels: one per modality) and its LayerNorm. Because the encoder is an unmodified
 BertModel, any BERT checkpoint initialises it (`init_text_encoder_from`), truncated to the
 configured number of layers.
+
+Two choices the paper leaves open:
+- Positions: text tokens are numbered 0.. from the start, image tokens from the fixed offset
+  `text_positions`, whatever the text's length. A title alone (pre-training), a title with hot
+  queries (ACE-BERT's product tower) and a padded or unpadded batch all give each image token the
+  same position embedding.
+- Patch features enter standardised per dimension with the training catalogue's mean and standard
+  deviation (buffers saved with the weights, like an image processor's mean/std). Raw CNN
+  features share a large common component; without this the joint encoder sat at TIP's base
+  rate (docs/pretrain.md).
 """
 
 from __future__ import annotations
@@ -48,7 +58,11 @@ class CeBertConfig(BertConfig):
         use_pixels: bool = True,
         patch_source: str = "roi",
         max_text_len: int = 48,
+        text_positions: int = 128,
+        embedding_dim: int = 128,
+        classifier_hidden: int = 64,
         sep_token_id: int = 3,
+        tip_pooling: str = "cls",
         **kwargs: object,
     ) -> None:
         kwargs.setdefault("type_vocab_size", 3)
@@ -61,7 +75,11 @@ class CeBertConfig(BertConfig):
         self.use_pixels = use_pixels
         self.patch_source = patch_source
         self.max_text_len = max_text_len
+        self.text_positions = text_positions
+        self.embedding_dim = embedding_dim  # retrieval towers' output size
+        self.classifier_hidden = classifier_hidden  # ACE-BERT's domain classifier
         self.sep_token_id = sep_token_id
+        self.tip_pooling = tip_pooling
 
     @property
     def n_image_tokens(self) -> int:
@@ -84,7 +102,15 @@ class CeBertModel(CeBertPreTrainedModel):
         h = config.hidden_size
         self.patch_proj = nn.Linear(config.patch_dim, h) if config.use_patches else None
         self.pixel_proj = nn.Linear(config.pixel_dim, h) if config.use_pixels else None
+        if config.use_patches:
+            self.register_buffer("patch_mean", torch.zeros(config.patch_dim))
+            self.register_buffer("patch_std", torch.ones(config.patch_dim))
         self.post_init()
+
+    def set_patch_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise patch inputs with this per-dimension mean and standard deviation."""
+        self.patch_mean.copy_(mean)
+        self.patch_std.copy_(std.clamp_min(1e-3))
 
     def embed(
         self,
@@ -93,12 +119,13 @@ class CeBertModel(CeBertPreTrainedModel):
         patch_features: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         patch_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(inputs_embeds, token_type_ids, attention_mask) of the joint sequence.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs_embeds, token_type_ids, position_ids, attention_mask) of the joint sequence.
 
         Image inputs are optional per call (the query tower has none) but, when given, must be
-        what the config says the model reads. Masked patches (`patch_mask` True) enter as zero
-        vectors, as in FashionBERT's masked patch modelling.
+        what the config says the model reads. Masked patches (`patch_mask` True) enter as the
+        zero vector after standardisation (the catalogue's mean feature), as FashionBERT zeroes
+        masked patches.
         """
         cfg = self.config
         words = self.bert.embeddings.word_embeddings
@@ -108,7 +135,8 @@ class CeBertModel(CeBertPreTrainedModel):
         if has_patches:
             if self.patch_proj is None:
                 raise AceError("this model was configured without patch tokens (use_patches=False)")
-            feats = patch_features.to(self.patch_proj.weight.dtype)
+            feats = (patch_features.to(self.patch_mean.dtype) - self.patch_mean) / self.patch_std
+            feats = feats.to(self.patch_proj.weight.dtype)
             if patch_mask is not None:
                 feats = feats.masked_fill(patch_mask.unsqueeze(-1), 0.0)
             parts.append(self.patch_proj(feats))
@@ -124,10 +152,22 @@ class CeBertModel(CeBertPreTrainedModel):
             pixels = pixel_values.to(self.pixel_proj.weight.dtype) / 127.5 - 1.0
             parts.append(self.pixel_proj(pixels))
             types.append(torch.full(pixels.shape[:2], PIXEL_SEGMENT, device=device))
+        text_len = input_ids.shape[1]
+        if text_len > cfg.text_positions:
+            raise AceError(
+                f"text of {text_len} tokens: the model numbers at most {cfg.text_positions} "
+                "text positions (config.text_positions)"
+            )
         image_len = sum(p.shape[1] for p in parts[1:])
+        positions = torch.cat(
+            [
+                torch.arange(text_len, device=device),
+                torch.arange(cfg.text_positions, cfg.text_positions + image_len, device=device),
+            ]
+        ).expand(batch, -1)
         if image_len:
             masks.append(torch.ones((batch, image_len), dtype=attention_mask.dtype, device=device))
-        return torch.cat(parts, 1), torch.cat(types, 1).long(), torch.cat(masks, 1)
+        return torch.cat(parts, 1), torch.cat(types, 1).long(), positions, torch.cat(masks, 1)
 
     def forward(
         self,
@@ -138,11 +178,21 @@ class CeBertModel(CeBertPreTrainedModel):
         patch_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence output (B, L, H), pooled [CLS] output (B, H))."""
-        embeds, types, mask = self.embed(
+        embeds, types, positions, mask = self.embed(
             input_ids, attention_mask, patch_features, pixel_values, patch_mask
         )
-        out = self.bert(inputs_embeds=embeds, token_type_ids=types, attention_mask=mask)
+        out = self.bert(
+            inputs_embeds=embeds, token_type_ids=types, position_ids=positions, attention_mask=mask
+        )
         return out.last_hidden_state, out.pooler_output
+
+
+def mean_pool(sequence: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the joint sequence's states over its real tokens: the text's unpadded tokens and
+    every image token (which follow the text)."""
+    image = sequence.new_ones(sequence.shape[0], sequence.shape[1] - text_mask.shape[1])
+    mask = torch.cat([text_mask.to(sequence.dtype), image], 1).unsqueeze(-1)
+    return (sequence * mask).sum(1) / mask.sum(1)
 
 
 class _Transform(nn.Module):
@@ -164,6 +214,8 @@ class PreTrainingOutput(ModelOutput):
     mlm_loss: torch.Tensor | None = None
     mpm_loss: torch.Tensor | None = None
     tip_loss: torch.Tensor | None = None
+    # With mlm_labels: (n, vocab) at the labelled positions of matched rows, in row-major order
+    # (decoding only those is what makes the head cheap); without: (batch, text_len, vocab).
     mlm_logits: torch.Tensor | None = None
     mpm_logits: torch.Tensor | None = None
     tip_logits: torch.Tensor | None = None
@@ -195,7 +247,12 @@ class CeBertForPreTraining(CeBertPreTrainedModel):
             if config.use_patches
             else None
         )
-        self.tip_head = nn.Linear(config.hidden_size, 1)
+        h = config.hidden_size
+        self.tip_head = nn.Linear(h, 1)
+        # The bilinear match of the text and image means (tip_pooling "match"): linear in its
+        # weight, so learning it has no saddle to escape, unlike a match computed inside the
+        # encoder from a random start (docs/pretrain.md).
+        self.tip_match = nn.Bilinear(h, h, 1, bias=False) if config.tip_pooling == "match" else None
         self.post_init()
 
     def forward(
@@ -216,9 +273,16 @@ class CeBertForPreTraining(CeBertPreTrainedModel):
             input_ids, attention_mask, patch_features, pixel_values, patch_mask
         )
         text_len = input_ids.shape[1]
-        words = self.ce_bert.bert.embeddings.word_embeddings.weight
-        mlm_logits = self.mlm_transform(sequence[:, :text_len]) @ words.T + self.mlm_bias
+        text = sequence[:, :text_len]
+        if self.config.tip_pooling == "mean":
+            pooler = self.ce_bert.bert.pooler
+            pooled = pooler.activation(pooler.dense(mean_pool(sequence, attention_mask)))
         tip_logits = self.tip_head(pooled).squeeze(-1)
+        if self.tip_match is not None and sequence.shape[1] > text_len:
+            mask = attention_mask.to(sequence.dtype).unsqueeze(-1)
+            text_mean = (sequence[:, :text_len] * mask).sum(1) / mask.sum(1)
+            image_mean = sequence[:, text_len:].mean(1)
+            tip_logits = tip_logits + self.tip_match(text_mean, image_mean).squeeze(-1)
         mpm_logits = None
         if self.mpm_head is not None and patch_features is not None:
             n = self.config.n_patches
@@ -232,13 +296,11 @@ class CeBertForPreTraining(CeBertPreTrainedModel):
         zero = sequence.new_zeros(())
         mlm_loss = mpm_loss = tip_loss = None
         if mlm_labels is not None:
-            labels = mlm_labels.masked_fill(~matched.unsqueeze(1), -100)
-            if (labels != -100).any():
-                mlm_loss = F.cross_entropy(
-                    mlm_logits.reshape(-1, mlm_logits.shape[-1]), labels.reshape(-1)
-                )
-            else:
-                mlm_loss = zero
+            chosen = (mlm_labels != -100) & matched.unsqueeze(1)
+            mlm_logits = self._decode_words(text[chosen])
+            mlm_loss = F.cross_entropy(mlm_logits, mlm_labels[chosen]) if chosen.any() else zero
+        else:
+            mlm_logits = self._decode_words(text)
         if mpm_logits is not None and patch_mask is not None:
             chosen = patch_mask & matched.unsqueeze(1)
             kl = mpm_kl(patch_features[chosen], mpm_logits[chosen])
@@ -261,6 +323,80 @@ class CeBertForPreTraining(CeBertPreTrainedModel):
             mpm_logits=mpm_logits,
             tip_logits=tip_logits,
         )
+
+    def _decode_words(self, hidden: torch.Tensor) -> torch.Tensor:
+        words = self.ce_bert.bert.embeddings.word_embeddings.weight
+        return self.mlm_transform(hidden) @ words.T + self.mlm_bias
+
+
+class AceBertForRetrieval(CeBertPreTrainedModel):
+    """Two towers sharing one CE-BERT (paper 3.1): queries are text; products are text + image.
+
+    Each tower averages the encoder's output states over its real tokens (TwinBERT's pooling; a
+    randomly initialised BERT's [CLS] is the same vector for every input, and in our measurements
+    retrieval did not learn from it at all: docs/finetune.md) and projects the mean to
+    `embedding_dim`, L2-normalised, so a dot product is the cosine. The
+    domain classifier (paper 3.3) tells query embeddings (label 1) from product embeddings
+    (label 0); it is trained only by ACE-BERT and is not needed to serve.
+    """
+
+    def __init__(self, config: CeBertConfig) -> None:
+        super().__init__(config)
+        self.ce_bert = CeBertModel(config)
+        h, d = config.hidden_size, config.embedding_dim
+        self.query_projection = nn.Linear(h, d)
+        self.product_projection = nn.Linear(h, d)
+        self.domain_classifier = nn.Sequential(
+            nn.Linear(d, config.classifier_hidden),
+            nn.ReLU(),
+            nn.Linear(config.classifier_hidden, 1),
+        )
+        self.post_init()
+
+    def encode_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        sequence, _ = self.ce_bert(input_ids, attention_mask)
+        return F.normalize(self.query_projection(mean_pool(sequence, attention_mask)), dim=-1)
+
+    def encode_products(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        patch_features: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        sequence, _ = self.ce_bert(input_ids, attention_mask, patch_features, pixel_values)
+        pooled = mean_pool(sequence, attention_mask)
+        return F.normalize(self.product_projection(pooled), dim=-1)
+
+    def tower_parameters(self) -> list[nn.Parameter]:
+        """Everything but the domain classifier: what the towers' optimiser updates."""
+        return [p for n, p in self.named_parameters() if not n.startswith("domain_classifier.")]
+
+
+def semantic_matching_loss(
+    queries: torch.Tensor, products: torch.Tensor, gamma: float, also_positive: torch.Tensor
+) -> torch.Tensor:
+    """Paper Eq. 4-5 over a mini-batch of W matched (query i, product i) pairs.
+
+    P(a_i | q_i) is a softmax of gamma * cosine over the batch's products, P(q_i | a_i) over its
+    queries; the loss is -(1/W) * (sum of both log-probabilities). `also_positive[i, j]` (i != j)
+    marks pairs that are positives too (the same product, or a product clicked for the same
+    query): they are left out of the softmax instead of counting as negatives.
+    """
+    logits = gamma * queries @ products.T
+    eye = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(also_positive & ~eye, float("-inf"))
+    target = torch.arange(len(logits), device=logits.device)
+    return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+
+
+def domain_loss(
+    classifier: nn.Module, queries: torch.Tensor, products: torch.Tensor
+) -> torch.Tensor:
+    """Paper Eq. 6: cross-entropy of telling queries (1) from products (0)."""
+    logits = classifier(torch.cat([queries, products])).squeeze(-1)
+    labels = torch.cat([torch.ones(len(queries)), torch.zeros(len(products))]).to(logits)
+    return 2 * F.binary_cross_entropy_with_logits(logits, labels)
 
 
 def init_text_encoder_from(model: CeBertPreTrainedModel, name_or_path: str | Path) -> list[str]:

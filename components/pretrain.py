@@ -16,8 +16,10 @@ Where the paper is vague, this is what we chose:
   model zeroes them and scores KL(p || q) of the softmaxed raw vs. predicted features (the KL
   direction and softmax axis are modeling.mpm_kl's). Pixel tokens are never masked: the paper
   masks "text tokens and image patches" and has the whole image's pixels inform the patches.
-- Titles are always padded to `max_text_len` so every image token keeps the same position id
-  (the encoder numbers positions over the joint sequence); fine-tuning must do the same.
+- Titles are cut at `max_text_len` tokens and each batch is padded only to its longest title:
+  image tokens are numbered from a fixed offset (modeling.py), so padding changes nothing.
+- Patch features are standardised inside the model with the mean and standard deviation of the
+  training products' patches (held-out products do not contribute).
 - TwinBERT reads no image: without an image there is no TIP and no MPM, so it trains MLM alone.
 - Held-out products (a seeded `eval_share`, at least 2) never train; their pairs (negatives drawn
   among themselves, masked as in training, dropout off) give the final MLM accuracy, MPM loss
@@ -39,7 +41,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -49,12 +50,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 from transformers import BertConfig, BertTokenizerFast, get_linear_schedule_with_warmup
 
+from components import checkpoints
 from components.backbones import resolve_device
 from components.config import ModelConfig, Params, PretrainConfig
 from components.errors import AceError, DataError
@@ -65,14 +66,11 @@ from components.tokenizer import train_wordpiece
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
-CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINTS_DIR = "checkpoints"  # under the work folder
+FINISHED_DIR = "finished"  # under the work folder: one finished run per fingerprint
 SUMMARY = "pretrain_summary.json"
 HISTORY = "history.json"
-WEIGHTS = "model.safetensors"  # what save_pretrained writes for a model this size
 CURVE = "training_curve.png"
-_STATE_PT = "trainer_state.pt"  # optimiser + scheduler: plain tensors and numbers (weights_only)
-_STATE_JSON = "trainer_state.json"  # step, fingerprint, loss history
-_CHECKPOINT = re.compile(r"step-(\d+)")
 _FINAL_WINDOW = 50  # final_* losses: mean over the last steps, a single step is noisy
 
 # Independent random streams: np.random.default_rng([seed, stream, ...]).
@@ -137,15 +135,18 @@ def build_model(
         use_pixels=model_cfg.use_pixels,
         patch_source=model_cfg.patch_source,
         max_text_len=cfg.max_text_len,
+        text_positions=cfg.text_positions,
         sep_token_id=tokenizer.sep_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=cfg.init_range,
+        tip_pooling=cfg.tip_pooling,
         hidden_dropout_prob=cfg.dropout,
         attention_probs_dropout_prob=cfg.dropout,
         **sizes,
     )
     # Every position of the joint sequence needs an embedding; a checkpoint's extra rows stay.
     config.max_position_embeddings = max(
-        cfg.max_text_len + config.n_image_tokens, checkpoint_positions
+        cfg.text_positions + config.n_image_tokens, checkpoint_positions
     )
     model = CeBertForPreTraining(config)
     if cfg.init_from:
@@ -230,6 +231,7 @@ class PairDataset:
 
     def collate(self, pairs: Pairs, rng: np.random.Generator) -> Batch:
         ids = self.input_ids[pairs.titles]
+        ids = ids[:, : int((ids != self.pad_id).sum(1).max())]  # pad to the longest title only
         inputs, mlm_labels = mask_tokens(
             ids, rng, self.mlm_probability, self.special_ids, self.mask_id, self.ordinary_ids
         )
@@ -250,6 +252,27 @@ class PairDataset:
         if self.tip:
             batch["tip_labels"] = torch.from_numpy(pairs.labels)
         return batch
+
+
+def patch_statistics(
+    patches: np.ndarray, rows: np.ndarray, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation over these products' patch vectors.
+
+    Accumulated in float64 over chunks of products: the store may be larger than memory.
+    """
+    total = np.zeros(patches.shape[-1])
+    squares = np.zeros(patches.shape[-1])
+    count = 0
+    for begin in range(0, len(rows), chunk):
+        block = patches[np.sort(rows[begin : begin + chunk])].astype(np.float64)
+        block = block.reshape(-1, block.shape[-1])
+        total += block.sum(0)
+        squares += (block**2).sum(0)
+        count += len(block)
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
 
 
 def choose_at_least_one(
@@ -288,48 +311,62 @@ def encode_titles(tokenizer: BertTokenizerFast, titles: list[str], max_len: int)
     return encoded["input_ids"].astype(np.int64)
 
 
-def pretrain(params: Params, out_dir: Path, progress: bool = True) -> dict[str, float]:
+def pretrain(
+    params: Params, out_dir: Path, progress: bool = True, work_dir: Path | None = None
+) -> dict[str, float]:
     """Pre-train CE-BERT on the validated products and their image tokens; see the module doc.
 
     Writes `out_dir/model/` (model + tokenizer + pretrain_summary.json, what fine-tuning loads),
-    the loss history and curve; resumes from `out_dir/checkpoints/` when it holds a checkpoint of
-    the same inputs and settings.
+    the loss history and curve. `work_dir` (default: `<out_dir>.work` beside it) keeps the
+    checkpoints a killed run resumes from, and each finished run under its fingerprint: the
+    same inputs and settings again (e.g. `acebert` after `cebert`, which read the same image
+    tokens) copy that result instead of training again.
     """
     start = time.perf_counter()
     cfg, model_cfg = params.pretrain, params.model
     device = resolve_device(cfg.device)
     out_dir = Path(out_dir)
+    work_dir = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
     artifacts = params.paths.artifacts_dir
     products = pd.read_parquet(artifacts / "validate" / "products.parquet")
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
     store = FeatureStore(artifacts / "features")
     products = products[products.product_id.isin(store.row_of)]  # failed images are not in it
-    fingerprint = _fingerprint(params, products, store)
+    fingerprint = _fingerprint(params, products, impressions, store)
+    finished = work_dir / FINISHED_DIR / fingerprint
+    if (finished / MODEL_DIR / SUMMARY).exists():
+        log.info("pre-training of these inputs and settings already finished: reusing %s", finished)
+        _replace_tree(finished, out_dir)
+        summary = json.loads((out_dir / MODEL_DIR / SUMMARY).read_text(encoding="utf-8"))
+        return {**summary["metrics"], "reused": 1.0, "seconds": time.perf_counter() - start}
     train_ids, eval_ids = split_products(list(products.product_id), cfg.eval_share, cfg.seed)
 
-    checkpoint = _latest_checkpoint(out_dir / CHECKPOINTS_DIR, fingerprint)
+    checkpoint_root = work_dir / CHECKPOINTS_DIR
+    checkpoint = checkpoints.latest(checkpoint_root, fingerprint)
     torch.manual_seed(cfg.seed)
     if checkpoint is not None:
         tokenizer = BertTokenizerFast.from_pretrained(checkpoint)
         model = CeBertForPreTraining(CeBertConfig.from_pretrained(checkpoint))
-        # Copied into freshly allocated tensors: from_pretrained's memory-mapped ones are only
-        # 16-byte aligned, which changes float summation order in the last bit (not resumable).
-        model.load_state_dict(load_file(checkpoint / WEIGHTS))
+        checkpoints.load_weights(model, checkpoint)
     else:
-        shutil.rmtree(out_dir / CHECKPOINTS_DIR, ignore_errors=True)  # another run's: unusable
+        shutil.rmtree(checkpoint_root, ignore_errors=True)  # another run's: unusable
         if cfg.init_from:
             tokenizer = BertTokenizerFast.from_pretrained(cfg.init_from)
         else:
             texts = training_texts(products, impressions, params.split.test_days)
             tokenizer = train_wordpiece(texts, cfg.vocab_size)
         model = build_model(cfg, model_cfg, store.manifest, tokenizer)
+        if model_cfg.use_patches:
+            rows = np.array([store.row_of[i] for i in train_ids], np.int64)
+            mean, std = patch_statistics(store.patches(model_cfg.patch_source), rows)
+            model.ce_bert.set_patch_statistics(mean, std)
     model.to(device)
 
     titles = products.set_index("product_id")["title"].astype(str)
     train_set, eval_set = (
         _dataset(ids, titles, store, model_cfg, tokenizer, cfg) for ids in (train_ids, eval_ids)
     )
-    trainer = _Trainer(model, tokenizer, train_set, cfg, device, out_dir, fingerprint)
+    trainer = _Trainer(model, tokenizer, train_set, cfg, device, checkpoint_root, fingerprint)
     if checkpoint is not None:
         trainer.resume(checkpoint)
         log.info("resuming pre-training at step %d from %s", trainer.first_step, checkpoint)
@@ -354,12 +391,11 @@ def pretrain(params: Params, out_dir: Path, progress: bool = True) -> dict[str, 
     tokenizer.save_pretrained(model_dir)
     (out_dir / HISTORY).write_text(json.dumps(trainer.history) + "\n", encoding="utf-8")
     _plot_history(trainer.history, tasks, out_dir / CURVE)
-    if mlflow.active_run() is not None:
-        mlflow.log_artifact(str(out_dir / CURVE), artifact_path="pretrain")
     metrics["seconds"] = time.perf_counter() - start
     imageless = train_set.patches is None and train_set.pixels is None
     summary = {
         "variant": model_cfg.variant,
+        "image_inputs": _image_inputs(model_cfg),
         "tasks": tasks,
         "note": (
             "TwinBERT reads no image: no TIP and no MPM are possible, trained MLM only"
@@ -374,7 +410,8 @@ def pretrain(params: Params, out_dir: Path, progress: bool = True) -> dict[str, 
         "metrics": metrics,
     }
     (model_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(out_dir / CHECKPOINTS_DIR, ignore_errors=True)  # the final model supersedes
+    _replace_tree(out_dir, finished)
+    shutil.rmtree(checkpoint_root, ignore_errors=True)  # the final model supersedes them
     return metrics
 
 
@@ -388,12 +425,12 @@ class _Trainer:
         data: PairDataset,
         cfg: PretrainConfig,
         device: torch.device,
-        out_dir: Path,
+        checkpoint_root: Path,
         fingerprint: str,
     ) -> None:
         self.model, self.tokenizer, self.data, self.cfg = model, tokenizer, data, cfg
         self.device, self.fingerprint = device, fingerprint
-        self.checkpoints = out_dir / CHECKPOINTS_DIR
+        self.checkpoint_root = checkpoint_root
         samples_per_epoch = len(data) * (1 + data.negatives)
         self.steps_per_epoch = math.ceil(samples_per_epoch / cfg.batch_size)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
@@ -413,10 +450,10 @@ class _Trainer:
         self.seconds = 0.0
 
     def resume(self, checkpoint: Path) -> None:
-        tensors = torch.load(checkpoint / _STATE_PT, weights_only=True)  # no arbitrary unpickling
-        self.optimizer.load_state_dict(tensors["optimizer"])
-        self.scheduler.load_state_dict(tensors["scheduler"])
-        state = json.loads((checkpoint / _STATE_JSON).read_text(encoding="utf-8"))
+        states = checkpoints.load_states(checkpoint)
+        self.optimizer.load_state_dict(states["optimizer"])
+        self.scheduler.load_state_dict(states["scheduler"])
+        state = checkpoints.read_state(checkpoint)
         self.first_step, self.history = int(state["step"]), list(state["history"])
 
     def run(self, progress: bool) -> None:
@@ -466,22 +503,19 @@ class _Trainer:
         bar.close()
 
     def save(self, step: int) -> Path:
-        """Write step-N/ aside, rename it in (a kill leaves the last whole one), drop older ones."""
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        work = self.checkpoints / f".tmp-step-{step:07d}"
-        shutil.rmtree(work, ignore_errors=True)
-        self.model.save_pretrained(work)
-        self.tokenizer.save_pretrained(work)
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        torch.save(state, work / _STATE_PT)
-        state = {"step": step, "fingerprint": self.fingerprint, "history": self.history}
-        (work / _STATE_JSON).write_text(json.dumps(state) + "\n", encoding="utf-8")
-        final = self.checkpoints / f"step-{step:07d}"
-        work.rename(final)
-        for old in self.checkpoints.glob("step-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
+        states = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        return checkpoints.save(
+            self.checkpoint_root,
+            step,
+            self.model,
+            self.tokenizer,
+            states,
+            self.fingerprint,
+            self.history,
+        )
 
 
 @torch.no_grad()
@@ -506,7 +540,7 @@ def evaluate(
             else torch.ones(len(chunk), dtype=torch.bool, device=device)
         )
         chosen = (batch["mlm_labels"] != -100) & matched[:, None]
-        logits, target = out.mlm_logits[chosen], batch["mlm_labels"][chosen]
+        logits, target = out.mlm_logits, batch["mlm_labels"][chosen]
         correct += int((logits.argmax(-1) == target).sum())
         masked += int(target.numel())
         mlm_nll += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
@@ -559,35 +593,40 @@ def _log_step(step: int, record: dict[str, float]) -> None:
         mlflow.log_metrics({f"train/{k}": v for k, v in record.items()}, step=step)
 
 
-def _fingerprint(params: Params, products: pd.DataFrame, store: FeatureStore) -> str:
-    """What a checkpoint's training depends on: settings, products and their image tokens."""
+def _image_inputs(model_cfg: ModelConfig) -> dict[str, object]:
+    """What pre-training reads of the variant: fine-tuning-only switches do not matter here."""
+    return {
+        "patches": model_cfg.patch_source if model_cfg.use_patches else None,
+        "pixels": model_cfg.use_pixels,
+    }
+
+
+def _fingerprint(
+    params: Params, products: pd.DataFrame, impressions: pd.DataFrame, store: FeatureStore
+) -> str:
+    """What pre-training depends on: settings, products, training queries, image tokens."""
+
+    def digest(frame: pd.DataFrame) -> str:
+        return hashlib.md5(pd.util.hash_pandas_object(frame, index=False).values).hexdigest()
+
     relevant = {
         "pretrain": params.pretrain.model_dump(mode="json"),
-        "model": params.model.model_dump(mode="json"),
+        "image_inputs": _image_inputs(params.model),
         "split": params.split.model_dump(mode="json"),
         "features": store.manifest.get("signature"),
-        "products": hashlib.md5(
-            pd.util.hash_pandas_object(products[["product_id", "title"]], index=False).values
-        ).hexdigest(),
+        "products": digest(products[["product_id", "title"]]),
+        "queries": digest(impressions[["query", "day"]]),
     }
     return hashlib.md5(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def _latest_checkpoint(root: Path, fingerprint: str) -> Path | None:
-    """The newest complete checkpoint under `root` made from the same inputs, if any."""
-    found = []
-    for path in root.glob("step-*"):
-        match = _CHECKPOINT.fullmatch(path.name)
-        if match and (path / _STATE_JSON).exists():
-            found.append((int(match.group(1)), path))
-    if not found:
-        return None
-    path = max(found)[1]
-    state = json.loads((path / _STATE_JSON).read_text(encoding="utf-8"))
-    if state.get("fingerprint") != fingerprint:
-        log.warning("%s was made with other settings or data: starting over", path)
-        return None
-    return path
+def _replace_tree(source: Path, target: Path) -> None:
+    """Copy `source` over `target` via a sibling temporary folder and a rename."""
+    work = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(source, work)
+    shutil.rmtree(target, ignore_errors=True)
+    work.rename(target)
 
 
 def _plot_history(history: list[dict[str, float]], tasks: list[str], path: Path) -> None:

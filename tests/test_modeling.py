@@ -42,6 +42,7 @@ def _config(**overrides) -> CeBertConfig:
         pixel_dim=PIXEL_DIM,
         n_pixel_tokens=9,
         max_text_len=TEXT,
+        text_positions=TEXT,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
@@ -89,11 +90,14 @@ def test_mpm_loss_is_kl_of_raw_to_predicted_over_masked_patches_of_matched_pairs
     assert abs(everyone.sum(-1).mean() - expected) > 1e-4  # mismatched rows are left out
 
 
-def test_masked_patches_enter_as_zero_vectors():
+def test_masked_patches_enter_as_the_mean_feature_after_standardisation():
     torch.manual_seed(0)
     model = CeBertForPreTraining(_config()).eval()
+    mean, std = torch.rand(PATCH_DIM) * 2, torch.rand(PATCH_DIM) + 0.5
+    model.ce_bert.set_patch_statistics(mean, std)
     batch = _batch()
-    zeroed = batch["patch_features"].masked_fill(batch["patch_mask"].unsqueeze(-1), 0.0)
+    mask = batch["patch_mask"].unsqueeze(-1)
+    zeroed = torch.where(mask, mean.expand_as(batch["patch_features"]), batch["patch_features"])
     with torch.no_grad():
         masked = model.ce_bert(
             batch["input_ids"],
@@ -114,6 +118,57 @@ def test_masked_patches_enter_as_zero_vectors():
     torch.testing.assert_close(masked, by_hand)
     assert not torch.allclose(masked, unmasked)
     assert masked.shape[1] == TEXT + 4 + 1 + 9  # text, patches, [SEP], pixels
+
+
+def test_patch_standardisation_is_part_of_the_model():
+    torch.manual_seed(0)
+    model = CeBertForPreTraining(_config()).eval()
+    batch = _batch()
+    feats, text = batch["patch_features"], (batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        plain = model.ce_bert(*text, feats, batch["pixel_values"])[0]
+        by_hand = model.ce_bert(*text, (feats - 1.5) / 2.0, batch["pixel_values"])[0]
+        model.ce_bert.set_patch_statistics(
+            torch.full((PATCH_DIM,), 1.5), torch.full((PATCH_DIM,), 2.0)
+        )
+        standardised = model.ce_bert(*text, feats, batch["pixel_values"])[0]
+    assert not torch.allclose(plain, standardised)
+    torch.testing.assert_close(standardised, by_hand)
+    assert {"ce_bert.patch_mean", "ce_bert.patch_std"} <= set(model.state_dict())
+
+
+def test_image_tokens_keep_their_positions_whatever_the_text_length():
+    torch.manual_seed(0)
+    model = CeBertModel(_config()).eval()
+    batch = _batch()
+    short = TEXT - 4  # the same titles, 4 [PAD] fewer: image tokens must not move
+    ids = batch["input_ids"].clone()
+    ids[:, short - 1] = 3
+    padded, mask = ids.clone(), torch.ones_like(ids)
+    padded[:, short:], mask[:, short:] = 0, 0
+    with torch.no_grad():
+        long_out = model(padded, mask, batch["patch_features"], batch["pixel_values"])[0]
+        short_out = model(
+            ids[:, :short], mask[:, :short], batch["patch_features"], batch["pixel_values"]
+        )[0]
+    torch.testing.assert_close(long_out[:, TEXT:], short_out[:, short:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(long_out[:, :short], short_out[:, :short], rtol=1e-5, atol=1e-5)
+    with pytest.raises(AceError, match="text_positions"):
+        model(torch.ones(1, TEXT + 1, dtype=torch.long), torch.ones(1, TEXT + 1, dtype=torch.long))
+
+
+def test_mlm_logits_are_decoded_at_labelled_positions_of_matched_rows_only():
+    torch.manual_seed(0)
+    model = CeBertForPreTraining(_config()).eval()
+    batch = _batch()
+    with torch.no_grad():
+        out = model(**batch)
+        full = model(**{k: v for k, v in batch.items() if k != "mlm_labels"}).mlm_logits
+    chosen = (batch["mlm_labels"] != -100) & batch["tip_labels"].bool()[:, None]
+    assert full.shape == (6, TEXT, VOCAB)
+    torch.testing.assert_close(out.mlm_logits, full[chosen])
+    expected = torch.nn.functional.cross_entropy(full[chosen], batch["mlm_labels"][chosen])
+    assert out.mlm_loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_save_and_load_round_trip_is_strict_and_exact(tmp_path: Path):

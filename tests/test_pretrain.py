@@ -244,7 +244,7 @@ def test_build_model_sizes_from_params_store_and_tokenizer(world: Path, tokenize
     assert cfg.vocab_size == len(tokenizer)
     assert cfg.sep_token_id == tokenizer.sep_token_id and cfg.pad_token_id == tokenizer.pad_token_id
     assert (cfg.patch_dim, cfg.n_patches, cfg.pixel_dim, cfg.n_pixel_tokens) == (1280, 16, 3072, 49)
-    assert cfg.max_position_embeddings >= 24 + 16 + 1 + 49
+    assert cfg.max_position_embeddings == params.pretrain.text_positions + 16 + 1 + 49
     assert cfg.hidden_size == 32 and cfg.num_hidden_layers == 1
 
     fashion = _params(world, world, **{"model.variant": "fashionbert"})
@@ -274,7 +274,12 @@ def test_build_model_from_a_bert_checkpoint(world: Path, tokenizer, tmp_path: Pa
     )
     cfg = model.config
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (48, 4, 96)
-    assert cfg.num_hidden_layers == 2 and cfg.max_position_embeddings == 128
+    # Image tokens sit after text_positions (128): the table grows past the checkpoint's 128.
+    assert cfg.num_hidden_layers == 2 and cfg.max_position_embeddings == 128 + 16 + 1 + 49
+    torch.testing.assert_close(
+        model.ce_bert.bert.embeddings.position_embeddings.weight[:128],
+        source.embeddings.position_embeddings.weight,
+    )
     torch.testing.assert_close(
         model.ce_bert.bert.embeddings.word_embeddings.weight,
         source.embeddings.word_embeddings.weight,
@@ -315,7 +320,7 @@ def test_resumed_run_continues_the_same_loss_trajectory(
     monkeypatch.setattr(pt, "_log_step", log_then_die_at_7)
     with pytest.raises(Killed):
         pretrain(params, tmp_path / "resumed", progress=False)
-    checkpoints = sorted((tmp_path / "resumed" / pt.CHECKPOINTS_DIR).glob("step-*"))
+    checkpoints = sorted((tmp_path / "resumed.work" / pt.CHECKPOINTS_DIR).glob("step-*"))
     assert [c.name for c in checkpoints] == ["step-0000006"]  # only the last one kept
 
     seen.clear()
@@ -326,7 +331,7 @@ def test_resumed_run_continues_the_same_loss_trajectory(
     assert json.loads((tmp_path / "resumed" / pt.HISTORY).read_text()) == reference
     for key in ("eval_mlm_accuracy", "eval_mpm_loss", "eval_tip_auc", "final_loss"):
         assert resumed[key] == whole[key]
-    assert not (tmp_path / "resumed" / pt.CHECKPOINTS_DIR).exists()
+    assert not (tmp_path / "resumed.work" / pt.CHECKPOINTS_DIR).exists()
 
     # A checkpoint of other settings is not resumed from.
     other = _params(world, tiny_world, **{"pretrain.max_steps": 8, "pretrain.dropout": 0.2})
@@ -373,8 +378,7 @@ def test_tiny_run_learns_and_writes_a_loadable_model(world: Path, tiny_world: Pa
     client = MlflowClient()
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == steps
     assert len(client.get_metric_history(run.info.run_id, "train/tip_loss")) == steps
-    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "pretrain")]
-    assert "pretrain/training_curve.png" in artifacts
+    assert (tmp_path / "out" / pt.CURVE).stat().st_size > 1000  # the stage logs it to MLflow
 
     summary = json.loads((model_dir / pt.SUMMARY).read_text())
     assert summary["tasks"] == ["mlm", "mpm", "tip"]
@@ -392,3 +396,21 @@ def test_twinbert_pretrains_mlm_only(world: Path, tiny_world: Path, tmp_path: Pa
     assert summary["tasks"] == ["mlm"] and "MLM only" in summary["note"]
     history = json.loads((tmp_path / "twin" / pt.HISTORY).read_text())
     assert all(h["loss"] == h["mlm_loss"] and "tip_loss" not in h for h in history)
+
+
+def test_a_variant_with_the_same_image_inputs_reuses_the_finished_run(
+    world: Path, tiny_world: Path, tmp_path: Path
+):
+    first = pretrain(_params(world, tiny_world, **{"pretrain.max_steps": 3}), tmp_path / "a")
+    # acebert reads what cebert reads: the same pre-training, copied instead of redone.
+    ace = _params(world, tiny_world, **{"pretrain.max_steps": 3, "model.variant": "acebert"})
+    again = pretrain(ace, tmp_path / "b", work_dir=tmp_path / "a.work")
+    assert again["reused"] == 1.0 and "reused" not in first
+    assert again["eval_mlm_loss"] == first["eval_mlm_loss"]
+    weights = "model/model.safetensors"
+    assert (tmp_path / "a" / weights).read_bytes() == (tmp_path / "b" / weights).read_bytes()
+    # FashionBERT reads other patches: trained, not reused.
+    fashion = _params(
+        world, tiny_world, **{"pretrain.max_steps": 3, "model.variant": "fashionbert"}
+    )
+    assert "reused" not in pretrain(fashion, tmp_path / "c", work_dir=tmp_path / "a.work")
