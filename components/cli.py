@@ -170,9 +170,44 @@ def flows_serve() -> None:
     serve_deployments()
 
 
+@app.command("compare")
+def compare_variants(
+    out: Annotated[Path, typer.Option(help="Folder for compare.md / compare.json / plots.")] = Path(
+        "artifacts/compare"
+    ),
+    all_data: Annotated[
+        bool, typer.Option("--all-data", help="Mix runs of every data version (default: current).")
+    ] = False,
+    params_file: ParamsOption = PARAMS_FILE,
+) -> None:
+    """Table of every variant's metrics (mean ± std over seeds) from the MLflow evaluate runs."""
+    import mlflow
+
+    from components import tracking
+    from components.compare import compare, plot_adversarial_curves, write
+
+    params = load_params(params_file)
+    experiment = params.tracking.experiment
+    version = None if all_data else tracking.data_version()
+    comparison = compare(experiment, version)
+    typer.echo(comparison.markdown())
+    written = write(comparison, out)
+    curve = out / "semantic_loss_adversarial.png"
+    if plot_adversarial_curves(experiment, version, curve):
+        written.append(curve)
+    with mlflow.start_run(run_name="compare"):
+        mlflow.set_tags({**tracking.lineage_tags(), "stage": "compare"})
+        for path in written:
+            mlflow.log_artifact(str(path), artifact_path="compare")
+    typer.echo("wrote " + ", ".join(str(p) for p in written))
+
+
 def _command_index() -> str:
     """Every leaf command with its one-line help, so `ace --help` lists them all."""
     lines = []
+    for command in app.registered_commands:
+        summary = (command.callback.__doc__ or "").strip().splitlines()[0]
+        lines.append(f"ace {command.name:<17} {summary}")
     for group in app.registered_groups:
         for command in group.typer_instance.registered_commands:
             summary = (command.callback.__doc__ or "").strip().splitlines()[0]

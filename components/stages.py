@@ -70,6 +70,39 @@ def _validate(params: Params) -> Metrics:
     return report.metrics()
 
 
+def _pretrain(params: Params) -> Metrics:
+    from components.pretrain import CURVE, HISTORY, MODEL_DIR, pretrain
+
+    out_dir = stage_dir(params, "pretrain")
+    metrics = pretrain(params, out_dir)
+    mlflow.log_artifacts(str(out_dir / MODEL_DIR), artifact_path="pretrain/model")
+    mlflow.log_artifact(str(out_dir / HISTORY), artifact_path="pretrain")
+    mlflow.log_artifact(str(out_dir / CURVE), artifact_path="pretrain")
+    return metrics
+
+
+def _finetune(params: Params) -> Metrics:
+    from components.finetune import CURVE, HISTORY, MODEL_DIR, finetune
+
+    out_dir = stage_dir(params, "finetune")
+    metrics = finetune(params, out_dir)
+    mlflow.log_artifacts(str(out_dir / MODEL_DIR), artifact_path="finetune/model")
+    mlflow.log_artifact(str(out_dir / HISTORY), artifact_path="finetune")
+    mlflow.log_artifact(str(out_dir / CURVE), artifact_path="finetune")
+    return metrics
+
+
+def _evaluate(params: Params) -> Metrics:
+    from components.evaluate import EMBEDDING_MAP, METRICS_FILE, RECALL_CURVE, evaluate_retriever
+
+    out_dir = stage_dir(params, "evaluate")
+    metrics = evaluate_retriever(params, out_dir)
+    for name in (METRICS_FILE, RECALL_CURVE, EMBEDDING_MAP):
+        if (out_dir / name).exists():
+            mlflow.log_artifact(str(out_dir / name), artifact_path="evaluate")
+    return metrics
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="validate",
@@ -89,6 +122,48 @@ STAGES: tuple[Stage, ...] = (
         outs=lambda p: [stage_dir(p, "features")],
         description="RoI by edge detection, CNN patch features, pixel tokens: the image tokens.",
         persist=True,
+    ),
+    Stage(
+        name="pretrain",
+        run=_pretrain,
+        params=("model", "split", "pretrain"),
+        code=(
+            "components/pretrain.py",
+            "components/modeling.py",
+            "components/tokenizer.py",
+            "components/checkpoints.py",
+        ),
+        deps=lambda p: [stage_dir(p, "validate"), stage_dir(p, "features")],
+        outs=lambda p: [stage_dir(p, "pretrain")],
+        description="CE-BERT pre-training: MLM + masked patch KL + text-image prediction.",
+    ),
+    Stage(
+        name="finetune",
+        run=_finetune,
+        params=("model", "split", "finetune"),
+        code=(
+            "components/finetune.py",
+            "components/retrieval.py",
+            "components/modeling.py",
+            "components/checkpoints.py",
+        ),
+        deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "pretrain")],
+        outs=lambda p: [stage_dir(p, "finetune")],
+        description="ACE-BERT fine-tuning: two towers, in-batch softmax, mixed negatives.",
+    ),
+    Stage(
+        name="evaluate",
+        run=_evaluate,
+        params=("model", "split", "finetune", "evaluate"),
+        code=(
+            "components/evaluate.py",
+            "components/retrieval_metrics.py",
+            "components/bm25.py",
+            "components/retrieval.py",
+        ),
+        deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune")],
+        outs=lambda p: [stage_dir(p, "evaluate")],
+        description="GAUC, Recall@K, MRR, nDCG@10 on the test days, against BM25.",
     ),
 )
 

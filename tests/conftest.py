@@ -38,6 +38,16 @@ TINY_OVERRIDES: dict[str, object] = {
     "pretrain.batch_size": 32,
     "pretrain.epochs": 1,
     "pretrain.warmup_steps": 2,
+    "finetune.embedding_dim": 16,
+    "finetune.max_query_len": 12,
+    "finetune.max_product_text_len": 64,
+    "finetune.partitions": 4,
+    "finetune.batch_size": 16,
+    "finetune.learning_rate": 2e-3,
+    "finetune.epochs": 1,
+    "finetune.warmup_steps": 2,
+    "finetune.adversarial.classifier_hidden": 8,
+    "evaluate.map_points": 60,
 }
 
 

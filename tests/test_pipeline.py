@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -87,8 +88,11 @@ def test_dvc_repro_runs_every_stage_then_nothing(
             shutil.copy(source, work / name)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     for dotted, value in TINY_OVERRIDES.items():
-        section, key = dotted.split(".")
-        raw[section][key] = value
+        *parents, key = dotted.split(".")
+        node = raw
+        for parent in parents:
+            node = node[parent]
+        node[key] = value
     (work / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     shutil.copytree(tiny_world, work / "data")
     env = _env(MLFLOW_TRACKING_URI=mlflow_store)
@@ -103,6 +107,10 @@ def test_dvc_repro_runs_every_stage_then_nothing(
         assert f"Running stage '{stage.name}'" in first.stdout
     assert (work / "artifacts" / "validate" / "products.parquet").is_file()
     assert (work / "artifacts" / "features" / "manifest.json").is_file()
+    assert (work / "artifacts" / "pretrain" / "model" / "model.safetensors").is_file()
+    assert (work / "artifacts" / "finetune" / "model" / "model.safetensors").is_file()
+    evaluated = json.loads((work / "artifacts" / "metrics" / "evaluate.json").read_text())
+    assert 0 <= evaluated["recall_at_100"] <= 1 and 0 <= evaluated["bm25_recall_at_100"] <= 1
     assert (work / "dvc.lock").is_file()
 
     second = subprocess.run(
@@ -137,6 +145,15 @@ def test_prefect_flow_runs_stages_nested_under_one_pipeline_run(
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert {r.data.tags["stage"] for r in children} == {s.name for s in STAGES}
+    logged = {
+        r.data.tags["stage"]: {
+            a.path for a in client.list_artifacts(r.info.run_id, r.data.tags["stage"])
+        }
+        for r in children
+    }
+    assert {"pretrain/model", "pretrain/training_curve.png"} <= logged["pretrain"]
+    assert {"finetune/model", "finetune/training_curve.png"} <= logged["finetune"]
+    assert {"evaluate/recall_curve.png", "evaluate/embedding_map.png"} <= logged["evaluate"]
 
 
 def test_deployment_full_is_offered():
@@ -153,6 +170,8 @@ def test_cli_help_lists_every_command():
     from components.cli import app
 
     help_text = " ".join(result.stdout.split())
+    for command in app.registered_commands:
+        assert f"ace {command.name}" in help_text
     for group in app.registered_groups:
         for command in group.typer_instance.registered_commands:
             assert f"ace {group.name} {command.name}" in help_text

@@ -1,0 +1,468 @@
+"""ACE-BERT fine-tuning (paper section 3 and 4.3): two towers over the pre-trained CE-BERT.
+
+Where the paper is vague, this is what we chose:
+
+- Training pairs are the distinct (query, product) pairs with at least one click in the training
+  days, each once per epoch (a pair clicked often is not repeated: popular pairs would otherwise
+  fill the batches with duplicates). Products without a stored image are not in the catalogue.
+- Loss: the bidirectional in-batch softmax of Eq. 4-5 (modeling.semantic_matching_loss). Other
+  positives in the batch (the same product twice, or a product also clicked for that query in the
+  training days) are masked out of the softmax, never used as negatives.
+- Mixed negative sampling (4.3): each epoch, the shuffled pairs are split into `partitions`
+  partitions; inside each, pairs are grouped by product category (categories in a random order);
+  the partitions are laid end to end and cut into mini-batches, whose order is then shuffled. A
+  batch therefore holds runs of same-category products: hard negatives. Fewer partitions mean
+  longer runs and more of them; the share of a batch's negatives with the positive's category
+  is measured every epoch (`same_category_negative_share`) and documented in docs/finetune.md.
+- Adversarial learning (3.3), for `acebert` and `cebert_adv`: every tower step minimises
+  L_main - weight * L_adv with the domain classifier's weights fixed (not trainable); after every
+  `tower_steps` tower steps the classifier takes `classifier_steps` steps on the query and product
+  embeddings of those tower steps (detached: the towers are fixed), with its own optimiser. The
+  embeddings it learns from are up to `tower_steps` updates old; re-encoding them would double the
+  cost of training.
+- Each tower reads the pooled [CLS] through its own projection (modeling.AceBertForRetrieval);
+  the encoder weights are shared, as the paper's two CE-BERTs share parameters.
+- Optimiser: AdamW with linear warm-up and decay for the towers; Adam for the classifier.
+  Checkpoints hold both (and are written only between adversarial rounds), so a killed run
+  resumes on the same trajectory; every random draw is a function of (seed, epoch, step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import BertTokenizerFast, get_linear_schedule_with_warmup
+
+from components import checkpoints
+from components.backbones import resolve_device
+from components.config import FinetuneConfig, ModelConfig, Params
+from components.errors import AceError, DataError
+from components.features import FeatureStore
+from components.modeling import (
+    AceBertForRetrieval,
+    CeBertConfig,
+    CeBertModel,
+    domain_loss,
+    semantic_matching_loss,
+)
+from components.retrieval import (
+    HOT_QUERIES_FILE,
+    Catalogue,
+    encode_texts,
+    hot_queries,
+    split_days,
+    trim,
+)
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+CHECKPOINTS_DIR = "checkpoints"
+HISTORY = "history.json"
+CURVE = "training_curve.png"
+SUMMARY = "finetune_summary.json"
+_FINAL_WINDOW = 50
+
+_EPOCH, _DROPOUT = 1, 2  # random streams: np.random.default_rng([seed, stream, ...])
+
+
+@dataclass(frozen=True)
+class ClickPairs:
+    """Distinct (query, product) training pairs: query index into `queries`, catalogue row."""
+
+    queries: list[str]
+    query: np.ndarray
+    product: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def keys(self, n_products: int) -> np.ndarray:
+        """One int64 per pair, sorted: what `also_positive` looks pairs up in."""
+        return np.sort(self.query.astype(np.int64) * n_products + self.product)
+
+
+def click_pairs(train_impressions: pd.DataFrame, index_of: dict[str, int]) -> ClickPairs:
+    clicked = train_impressions[train_impressions["clicked"] == 1]
+    clicked = clicked[clicked["product_id"].isin(index_of)]
+    pairs = clicked[["query", "product_id"]].drop_duplicates().sort_values(["query", "product_id"])
+    if pairs.empty:
+        raise DataError("no clicked (query, product) pair in the training days: nothing to learn")
+    queries = sorted(pairs["query"].unique())
+    query_index = {q: i for i, q in enumerate(queries)}
+    return ClickPairs(
+        queries=queries,
+        query=pairs["query"].map(query_index).to_numpy(np.int64),
+        product=pairs["product_id"].map(index_of).to_numpy(np.int64),
+    )
+
+
+def mixed_negative_batches(
+    categories: np.ndarray, partitions: int, batch_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """One epoch of mini-batches (pair indices), same-category runs inside each partition."""
+    order = rng.permutation(len(categories))
+    grouped = []
+    for part in np.array_split(order, min(partitions, len(order))):
+        names, codes = np.unique(categories[part], return_inverse=True)
+        rank = rng.permutation(len(names))[codes]  # a random category order per partition
+        grouped.append(part[np.argsort(rank, kind="stable")])
+    laid = np.concatenate(grouped)
+    batches = [laid[i : i + batch_size] for i in range(0, len(laid), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def same_category_share(batches: list[np.ndarray], categories: np.ndarray) -> float:
+    """Share of in-batch negatives (i, j != i) whose category is the positive's."""
+    same = total = 0
+    for batch in batches:
+        cats = categories[batch]
+        n = len(cats)
+        _, counts = np.unique(cats, return_counts=True)
+        same += int((counts * (counts - 1)).sum())
+        total += n * (n - 1)
+    return same / total if total else 0.0
+
+
+def also_positive(
+    query: np.ndarray, product: np.ndarray, keys: np.ndarray, n_products: int
+) -> torch.Tensor:
+    """(B, B) bool: (query i, product j) is a training positive pair (diagonal included)."""
+    grid = query[:, None].astype(np.int64) * n_products + product[None, :]
+    found = np.searchsorted(keys, grid).clip(max=len(keys) - 1)
+    return torch.from_numpy(keys[found] == grid)
+
+
+def finetune(
+    params: Params, out_dir: Path, progress: bool = True, work_dir: Path | None = None
+) -> dict[str, float]:
+    """Fine-tune the variant's retriever from `artifacts/pretrain/model`; see the module doc.
+
+    Writes `out_dir/model/` (model + tokenizer + hot queries + summary), the loss history and
+    curve; resumes from checkpoints under `work_dir` (default `<out_dir>.work`).
+    """
+    start = time.perf_counter()
+    cfg, model_cfg = params.finetune, params.model
+    device = resolve_device(cfg.device)
+    out_dir = Path(out_dir)
+    work_dir = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
+    artifacts = params.paths.artifacts_dir
+    pretrained = artifacts / "pretrain" / "model"
+    if not (pretrained / "config.json").exists():
+        raise DataError(f"{pretrained}: no pre-trained CE-BERT here (run the pretrain stage)")
+    products = pd.read_parquet(artifacts / "validate" / "products.parquet")
+    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
+    store = FeatureStore(artifacts / "features")
+    train_days, _ = split_days(impressions, params.split.test_days)
+    hot = hot_queries(train_days, cfg.hot_queries) if model_cfg.hot_queries else {}
+
+    tokenizer = BertTokenizerFast.from_pretrained(pretrained)
+    config = _retrieval_config(pretrained, model_cfg, cfg)
+    catalogue = Catalogue.build(
+        products, store, model_cfg, tokenizer, hot, cfg.max_product_text_len
+    )
+    pairs = click_pairs(train_days, catalogue.index_of())
+    fingerprint = _fingerprint(params, pretrained, pairs, catalogue)
+
+    checkpoint_root = work_dir / CHECKPOINTS_DIR
+    checkpoint = checkpoints.latest(checkpoint_root, fingerprint)
+    torch.manual_seed(cfg.seed)
+    model = AceBertForRetrieval(config)
+    if checkpoint is not None:
+        checkpoints.load_weights(model, checkpoint)
+    else:
+        shutil.rmtree(checkpoint_root, ignore_errors=True)
+        encoder = CeBertModel.from_pretrained(pretrained)
+        model.ce_bert.load_state_dict(encoder.state_dict())  # strict: every encoder weight
+    model.to(device)
+
+    query_ids = encode_texts(tokenizer, pairs.queries, cfg.max_query_len)
+    trainer = _Trainer(model, tokenizer, catalogue, pairs, query_ids, params, device)
+    trainer.checkpoint_root, trainer.fingerprint = checkpoint_root, fingerprint
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+        log.info("resuming fine-tuning at step %d from %s", trainer.first_step, checkpoint)
+    trainer.run(progress)
+
+    model_dir = out_dir / MODEL_DIR
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (model_dir / HOT_QUERIES_FILE).write_text(json.dumps(hot) + "\n", encoding="utf-8")
+    (out_dir / HISTORY).write_text(json.dumps(trainer.history) + "\n", encoding="utf-8")
+    keys = ["main_loss"] + (["adv_loss", "classifier_loss"] if model_cfg.adversarial else [])
+    plot_history(trainer.history, keys, out_dir / CURVE)
+
+    metrics = {
+        f"final_{key}": float(np.mean(values[-_FINAL_WINDOW:]))
+        for key in keys
+        if (values := [h[key] for h in trainer.history if key in h])
+    }
+    metrics.update(
+        steps=float(trainer.total_steps),
+        epochs=trainer.total_steps / trainer.steps_per_epoch,
+        n_pairs=float(len(pairs)),
+        n_train_queries=float(len(pairs.queries)),
+        n_products=float(len(catalogue)),
+        products_with_hot_queries=float(sum(pid in hot for pid in catalogue.product_ids)),
+        same_category_negative_share=float(np.mean(trainer.shares)) if trainer.shares else 0.0,
+        samples_per_second=trainer.samples / trainer.seconds if trainer.seconds else 0.0,
+        seconds=time.perf_counter() - start,
+    )
+    summary = {
+        "variant": model_cfg.variant,
+        "hot_queries": model_cfg.hot_queries,
+        "adversarial": model_cfg.adversarial,
+        "finetune": cfg.model_dump(mode="json"),
+        "resumed_from_step": trainer.first_step,
+        "metrics": metrics,
+    }
+    (model_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(checkpoint_root, ignore_errors=True)
+    return metrics
+
+
+def _retrieval_config(
+    pretrained: Path, model_cfg: ModelConfig, cfg: FinetuneConfig
+) -> CeBertConfig:
+    config = CeBertConfig.from_pretrained(pretrained)
+    reads = (
+        config.use_patches,
+        config.use_pixels,
+        config.patch_source if config.use_patches else None,
+    )
+    wants = (
+        model_cfg.use_patches,
+        model_cfg.use_pixels,
+        model_cfg.patch_source if model_cfg.use_patches else None,
+    )
+    if reads != wants:
+        raise AceError(
+            f"{pretrained}: pre-trained for other image inputs (patches, pixels, source) = {reads} "
+            f"than variant {model_cfg.variant} reads {wants}: re-run pretrain for this variant"
+        )
+    if cfg.max_product_text_len > config.text_positions:
+        raise AceError(
+            f"finetune.max_product_text_len {cfg.max_product_text_len} exceeds the model's "
+            f"text_positions {config.text_positions} (pretrain.text_positions)"
+        )
+    config.embedding_dim = cfg.embedding_dim
+    config.classifier_hidden = cfg.adversarial.classifier_hidden
+    return config
+
+
+class _Trainer:
+    def __init__(
+        self,
+        model: AceBertForRetrieval,
+        tokenizer: BertTokenizerFast,
+        catalogue: Catalogue,
+        pairs: ClickPairs,
+        query_ids: np.ndarray,
+        params: Params,
+        device: torch.device,
+    ) -> None:
+        cfg = params.finetune
+        self.model, self.tokenizer, self.catalogue, self.pairs = model, tokenizer, catalogue, pairs
+        self.query_ids, self.cfg, self.device = query_ids, cfg, device
+        self.adversarial = params.model.adversarial
+        self.pair_categories = catalogue.categories[pairs.product]
+        self.keys = pairs.keys(len(catalogue))
+        self.steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        towers = model.tower_parameters()
+        decay = [p for p in towers if p.ndim >= 2]
+        no_decay = [p for p in towers if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
+            lr=cfg.learning_rate,
+            weight_decay=0.0,
+        )
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, cfg.warmup_steps, self.total_steps
+        )
+        self.classifier_optimizer = torch.optim.Adam(
+            model.domain_classifier.parameters(), lr=cfg.adversarial.classifier_learning_rate
+        )
+        self.first_step = 0
+        self.history: list[dict[str, float]] = []
+        self.shares: list[float] = []
+        self.samples, self.seconds = 0, 0.0
+        self.checkpoint_root: Path | None = None
+        self.fingerprint = ""
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.cfg.seed, _EPOCH, epoch])
+        return mixed_negative_batches(
+            self.pair_categories, self.cfg.partitions, self.cfg.batch_size, rng
+        )
+
+    def tower_step(self, rows: np.ndarray, step: int) -> dict[str, float]:
+        """One update of the towers on these pairs; the classifier's weights stay as they are."""
+        model, cfg = self.model, self.cfg
+        query, product = self.pairs.query[rows], self.pairs.product[rows]
+        q_ids, q_mask = trim(self.query_ids[query], self.tokenizer.pad_token_id)
+        p_batch = self.catalogue.inputs(product)
+        torch.manual_seed(_step_seed(cfg.seed, step))  # dropout: resumable without RNG state
+        q = model.encode_queries(q_ids.to(self.device), q_mask.to(self.device))
+        p = model.encode_products(**{k: v.to(self.device) for k, v in p_batch.items()})
+        positives = also_positive(query, product, self.keys, len(self.catalogue)).to(self.device)
+        main = semantic_matching_loss(q, p, cfg.gamma, positives)
+        record = {"main_loss": main.item()}
+        loss = main
+        if self.adversarial:
+            model.domain_classifier.requires_grad_(False)
+            adv = domain_loss(model.domain_classifier, q, p)
+            model.domain_classifier.requires_grad_(True)
+            loss = main - cfg.adversarial.weight * adv
+            record["adv_loss"] = adv.item()
+            self._pending.append((q.detach(), p.detach()))
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.tower_parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record["loss"] = loss.item()
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        return record
+
+    def classifier_steps(self) -> dict[str, float]:
+        """The classifier learns from the last tower steps' embeddings; the towers stay fixed."""
+        queries = torch.cat([q for q, _ in self._pending])
+        products = torch.cat([p for _, p in self._pending])
+        self._pending.clear()
+        classifier = self.model.domain_classifier
+        for _ in range(self.cfg.adversarial.classifier_steps):
+            loss = domain_loss(classifier, queries, products)
+            loss.backward()
+            self.classifier_optimizer.step()
+            self.classifier_optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            logits = classifier(torch.cat([queries, products])).squeeze(-1)
+            truth = torch.cat([torch.ones(len(queries)), torch.zeros(len(products))])
+            accuracy = ((logits > 0).float().cpu() == truth).float().mean().item()
+        return {"classifier_loss": loss.item(), "classifier_accuracy": accuracy}
+
+    def resume(self, checkpoint: Path) -> None:
+        states = checkpoints.load_states(checkpoint)
+        self.optimizer.load_state_dict(states["optimizer"])
+        self.scheduler.load_state_dict(states["scheduler"])
+        self.classifier_optimizer.load_state_dict(states["classifier_optimizer"])
+        state = checkpoints.read_state(checkpoint)
+        self.first_step, self.history = int(state["step"]), list(state["history"])
+
+    def save(self, step: int) -> None:
+        assert self.checkpoint_root is not None
+        states = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "classifier_optimizer": self.classifier_optimizer.state_dict(),
+        }
+        checkpoints.save(
+            self.checkpoint_root,
+            step,
+            self.model,
+            self.tokenizer,
+            states,
+            self.fingerprint,
+            self.history,
+        )
+
+    def run(self, progress: bool) -> None:
+        cfg = self.cfg
+        self.model.train()
+        batches, batches_epoch = [], -1
+        due = False
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.first_step,
+            desc="finetune",
+            unit="step",
+            disable=not progress,
+        )
+        start = time.perf_counter()
+        for step in range(self.first_step, self.total_steps):
+            epoch, index = divmod(step, self.steps_per_epoch)
+            if epoch != batches_epoch:
+                batches, batches_epoch = self.epoch_batches(epoch), epoch
+                self.shares.append(same_category_share(batches, self.pair_categories))
+            rows = batches[index % len(batches)]
+            record = self.tower_step(rows, step)
+            if self.adversarial and len(self._pending) == cfg.adversarial.tower_steps:
+                record.update(self.classifier_steps())
+            self.samples += len(rows)
+            self.history.append({"step": step + 1, **record})
+            log_step(step + 1, record)
+            self.seconds = time.perf_counter() - start
+            bar.set_postfix(
+                loss=f"{record['main_loss']:.3f}", pairs_s=f"{self.samples / self.seconds:.1f}"
+            )
+            bar.update()
+            # Checkpoints fall between adversarial rounds: no embeddings are pending then.
+            due = due or (step + 1) % cfg.checkpoint_every == 0
+            if due and not self._pending and step + 1 < self.total_steps:
+                self.save(step + 1)
+                due = False
+        bar.close()
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, _DROPOUT, step]).generate_state(1)[0])
+
+
+def log_step(step: int, record: dict[str, float]) -> None:
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({f"train/{k}": v for k, v in record.items()}, step=step)
+
+
+def _fingerprint(params: Params, pretrained: Path, pairs: ClickPairs, catalogue: Catalogue) -> str:
+    digest = hashlib.md5()
+    digest.update((pretrained / checkpoints.WEIGHTS).read_bytes())
+    digest.update(np.ascontiguousarray(pairs.query).tobytes())
+    digest.update(np.ascontiguousarray(pairs.product).tobytes())
+    digest.update(np.ascontiguousarray(catalogue.text_ids).tobytes())
+    settings = {
+        "finetune": params.finetune.model_dump(mode="json"),
+        "model": params.model.model_dump(mode="json"),
+        "split": params.split.model_dump(mode="json"),
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def plot_history(history: list[dict[str, float]], keys: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if not points:
+            continue
+        steps, values = map(np.array, zip(*points, strict=True))
+        ax.plot(steps, values, lw=0.6, alpha=0.4)
+        width = max(1, len(values) // 50)
+        smooth = np.convolve(values, np.ones(width) / width, mode="valid")
+        ax.plot(steps[width - 1 :], smooth, lw=1.5)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

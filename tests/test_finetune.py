@@ -1,0 +1,303 @@
+"""ACE-BERT fine-tuning: hot queries without leakage, the loss, mixed negatives, adversary, runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from components import finetune as ft
+from components.config import FeaturesConfig, Params, load_params
+from components.evaluate import evaluate_retriever
+from components.features import build_features
+from components.finetune import (
+    also_positive,
+    click_pairs,
+    finetune,
+    mixed_negative_batches,
+    same_category_share,
+)
+from components.modeling import (
+    AceBertForRetrieval,
+    CeBertConfig,
+    domain_loss,
+    semantic_matching_loss,
+)
+from components.pretrain import pretrain
+from components.retrieval import hot_queries, load_retriever, split_days
+from tests.conftest import ROOT, TINY_OVERRIDES
+
+N_PRODUCTS = 120
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Validated tables, image tokens and a pre-trained CE-BERT for 120 tiny products."""
+    artifacts = tmp_path_factory.mktemp("finetune_artifacts")
+    products = pd.read_parquet(tiny_world / "products.parquet").head(N_PRODUCTS)
+    impressions = pd.read_parquet(tiny_world / "impressions.parquet")
+    impressions = impressions[impressions.product_id.isin(products.product_id)]
+    (artifacts / "validate").mkdir()
+    products.to_parquet(artifacts / "validate" / "products.parquet", index=False)
+    impressions.to_parquet(artifacts / "validate" / "impressions.parquet", index=False)
+    cfg = FeaturesConfig(patch_input=32, variants=("roi",), samples_logged=0, device="cpu")
+    build_features(products, tiny_world, artifacts / "features", cfg, progress=False)
+    pretrain(_params(artifacts, tiny_world), artifacts / "pretrain", progress=False)
+    return artifacts
+
+
+def _params(artifacts: Path, tiny_world: Path, **overrides: object) -> Params:
+    return load_params(
+        ROOT / "params.yaml",
+        {
+            **TINY_OVERRIDES,
+            "paths.data_dir": str(tiny_world),
+            "paths.artifacts_dir": str(artifacts),
+            "model.variant": "acebert",
+            "pretrain.device": "cpu",
+            "finetune.device": "cpu",
+            "evaluate.device": "cpu",
+            **overrides,
+        },
+    )
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def test_hot_queries_come_from_training_days_only():
+    rows = [  # (query, product, clicked, day)
+        *[("red dress", "p1", 1, 0)] * 3,
+        *[("dress", "p1", 1, 1)] * 2,
+        ("blue dress", "p1", 1, 0),
+        ("zebra dress", "p1", 0, 1),  # shown, never clicked
+        *[("leaked query", "p1", 1, 2)] * 9,  # the test day: most clicks of all
+        ("cap", "p2", 1, 2),
+    ]
+    impressions = pd.DataFrame(rows, columns=["query", "product_id", "clicked", "day"])
+    train, test = split_days(impressions, test_days=1)
+    assert set(test.day) == {2} and set(train.day) == {0, 1}
+    hot = hot_queries(train, k=2)
+    assert hot == {"p1": ["red dress", "dress"]}  # by clicks; p2 was clicked only on the test day
+    assert hot_queries(train, k=10)["p1"] == ["red dress", "dress", "blue dress"]
+    # The split is what keeps it out: counted over the whole log it would be first.
+    assert hot_queries(impressions, 10)["p1"][0] == "leaked query"
+
+
+def test_pipeline_hot_queries_never_contain_a_test_only_query(world: Path, tiny_world: Path):
+    params = _params(world, tiny_world)
+    impressions = pd.read_parquet(world / "validate" / "impressions.parquet")
+    train, test = split_days(impressions, params.split.test_days)
+    test_only = set(test["query"]) - set(train["query"])
+    assert test_only, "the tiny world should have queries first searched on the test day"
+    hot = hot_queries(train, params.finetune.hot_queries)
+    assert not test_only & {q for queries in hot.values() for q in queries}
+
+
+def test_also_positive_marks_duplicates_and_other_clicked_products():
+    catalogue = 10
+    pairs = ft.ClickPairs(
+        queries=["a", "b", "c"], query=np.array([0, 0, 1, 2]), product=np.array([3, 4, 3, 5])
+    )
+    keys = pairs.keys(catalogue)
+    batch_q, batch_p = np.array([0, 1, 2, 0]), np.array([3, 3, 5, 4])
+    marked = also_positive(batch_q, batch_p, keys, catalogue).numpy()
+    expected = np.array(
+        [
+            [1, 1, 0, 1],  # query a clicked 3 (twice in the batch) and 4
+            [1, 1, 0, 0],  # query b clicked 3
+            [0, 0, 1, 0],
+            [1, 1, 0, 1],
+        ],
+        bool,
+    )
+    np.testing.assert_array_equal(marked, expected)
+
+
+def test_semantic_matching_loss_is_bidirectional_and_masks_other_positives():
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    gamma = 5.0
+    none = torch.zeros(4, 4, dtype=torch.bool)
+    s = (gamma * q @ p.T).numpy().astype(np.float64)
+
+    def log_softmax_diag(m: np.ndarray) -> np.ndarray:
+        m = m - m.max(1, keepdims=True)
+        return np.diag(m) - np.log(np.exp(m).sum(1))
+
+    expected = -(log_softmax_diag(s).mean() + log_softmax_diag(s.T).mean())
+    assert semantic_matching_loss(q, p, gamma, none).item() == pytest.approx(expected, rel=1e-5)
+
+    # Pair 1's product is also a positive for query 0: out of both softmaxes, not a negative.
+    mask = none.clone()
+    mask[0, 1] = True
+    masked = semantic_matching_loss(q, p, gamma, mask).item()
+    s_masked = s.copy()
+    s_masked[0, 1] = -np.inf
+    expected_masked = -(log_softmax_diag(s_masked).mean() + log_softmax_diag(s_masked.T).mean())
+    assert masked == pytest.approx(expected_masked, rel=1e-5)
+    assert masked < semantic_matching_loss(q, p, gamma, none).item()
+    moved = p.clone()  # whatever the masked product looks like, query 0's term ignores it
+    moved[1] = q[0]
+    a = semantic_matching_loss(q, moved, gamma, mask)
+    b = semantic_matching_loss(q, p, gamma, mask)
+    assert a.item() != b.item()  # (its own pair still counts) ...
+    row0 = torch.log_softmax((gamma * q[:1] @ moved.T).masked_fill(mask[:1], -torch.inf), 1)
+    row0_before = torch.log_softmax((gamma * q[:1] @ p.T).masked_fill(mask[:1], -torch.inf), 1)
+    assert row0[0, 0].item() == pytest.approx(row0_before[0, 0].item())  # ... not in query 0's
+
+
+def test_fewer_partitions_give_more_same_category_negatives():
+    rng = np.random.default_rng(0)
+    categories = rng.choice([f"c{i}" for i in range(24)], size=4000)
+    share = {
+        p: same_category_share(
+            mixed_negative_batches(categories, p, 64, np.random.default_rng(1)), categories
+        )
+        for p in (1, 5, 20, 63)
+    }
+    random_share = sum((np.mean(categories == c)) ** 2 for c in set(categories))
+    # One partition: runs of about 4000 / 24 = 167 pairs of one category, cut into batches of 64.
+    assert share[1] > 0.75
+    assert share[1] > share[5] > share[20] > share[63]
+    assert share[63] == pytest.approx(random_share, abs=0.03)  # partitions of one batch: random
+    batches = mixed_negative_batches(categories, 20, 64, np.random.default_rng(1))
+    assert sorted(np.concatenate(batches)) == list(range(4000))  # every pair once per epoch
+
+
+def test_each_adversarial_phase_leaves_the_other_sides_weights_untouched(
+    world: Path, tiny_world: Path
+):
+    params = _params(world, tiny_world)
+    model, trainer = _trainer(params)
+    towers = {k: v.clone() for k, v in model.state_dict().items() if "domain_classifier" not in k}
+    classifier = {k: v.clone() for k, v in model.domain_classifier.state_dict().items()}
+    trainer.classifier_optimizer.step = _must_not_step  # the tower phase never steps it
+    for step in range(2):  # the warm-up's first learning rate is 0
+        trainer.tower_step(np.arange(8), step=step)
+    after = model.state_dict()
+    assert any(not torch.equal(towers[k], after[k]) for k in towers)
+    for k, v in model.domain_classifier.state_dict().items():
+        assert torch.equal(classifier[k], v), k
+    assert all(p.grad is None for p in model.domain_classifier.parameters())
+
+    del trainer.classifier_optimizer.step
+    towers = {k: v.clone() for k, v in model.state_dict().items() if "domain_classifier" not in k}
+    trainer.classifier_steps()
+    after = model.state_dict()
+    for k in towers:
+        assert torch.equal(towers[k], after[k]), k
+    assert any(
+        not torch.equal(classifier[k], v) for k, v in model.domain_classifier.state_dict().items()
+    )
+
+
+def _must_not_step(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the classifier's optimiser stepped during a tower step")
+
+
+def _trainer(params: Params) -> tuple[AceBertForRetrieval, ft._Trainer]:
+    from transformers import BertTokenizerFast
+
+    from components.features import FeatureStore
+    from components.retrieval import Catalogue, encode_texts
+
+    artifacts = params.paths.artifacts_dir
+    pretrained = artifacts / "pretrain" / "model"
+    tokenizer = BertTokenizerFast.from_pretrained(pretrained)
+    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
+    products = pd.read_parquet(artifacts / "validate" / "products.parquet")
+    train, _ = split_days(impressions, 1)
+    hot = hot_queries(train, 10)
+    store = FeatureStore(artifacts / "features")
+    catalogue = Catalogue.build(products, store, params.model, tokenizer, hot, 64)
+    pairs = click_pairs(train, catalogue.index_of())
+    config = ft._retrieval_config(pretrained, params.model, params.finetune)
+    torch.manual_seed(0)
+    model = AceBertForRetrieval(config)
+    query_ids = encode_texts(tokenizer, pairs.queries, 12)
+    trainer = ft._Trainer(
+        model, tokenizer, catalogue, pairs, query_ids, params, torch.device("cpu")
+    )
+    return model, trainer
+
+
+def test_domain_loss_is_the_papers_cross_entropy():
+    classifier = torch.nn.Linear(3, 1)
+    q, p = torch.randn(5, 3), torch.randn(4, 3)
+    dq, dp = torch.sigmoid(classifier(q)), torch.sigmoid(classifier(p))
+    # Eq. 6 with W = 5 queries and 4 products: the mean over each, summed.
+    expected = -(torch.log(dq).sum() + torch.log(1 - dp).sum()) / 4.5
+    assert domain_loss(classifier, q, p).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+def test_tiny_finetune_learns_resumes_and_evaluates(
+    world: Path, tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    params = _params(world, tiny_world, **{"finetune.epochs": 4})
+    mlflow.set_experiment("finetune-test")
+    with mlflow.start_run() as run:
+        metrics = finetune(params, world / "finetune", progress=False)
+    history = json.loads((world / "finetune" / ft.HISTORY).read_text())
+    first = np.mean([h["main_loss"] for h in history[:5]])
+    last = np.mean([h["main_loss"] for h in history[-5:]])
+    assert last < first - 0.2
+    assert any("classifier_accuracy" in h for h in history)  # acebert: the adversary played
+    assert metrics["products_with_hot_queries"] > 0
+    client = MlflowClient()
+    assert len(client.get_metric_history(run.info.run_id, "train/main_loss")) == len(history)
+
+    model, _ = load_retriever(world / "finetune" / ft.MODEL_DIR)
+    assert isinstance(model.config, CeBertConfig) and model.config.embedding_dim == 16
+
+    # Killed after step 5, resumed: the same losses as the uninterrupted run.
+    class Killed(Exception):
+        pass
+
+    seen: list[tuple[int, float]] = []
+
+    def die_at(step: int, record: dict[str, float]) -> None:
+        seen.append((step, record["main_loss"]))
+        if step == 7:
+            raise Killed
+
+    short = _params(world, tiny_world, **{"finetune.max_steps": 9, "finetune.checkpoint_every": 4})
+    reference = finetune(short, tmp_path / "whole", progress=False)
+    whole = json.loads((tmp_path / "whole" / ft.HISTORY).read_text())
+    monkeypatch.setattr(ft, "log_step", die_at)
+    with pytest.raises(Killed):
+        finetune(short, tmp_path / "resumed", progress=False)
+    seen.clear()
+    monkeypatch.setattr(
+        ft, "log_step", lambda step, record: seen.append((step, record["main_loss"]))
+    )
+    resumed = finetune(short, tmp_path / "resumed", progress=False)
+    assert seen[0][0] == 6  # the checkpoint at step 5 (after the first adversarial round)
+    assert [loss for _, loss in seen] == [h["main_loss"] for h in whole[5:]]
+    assert resumed["final_main_loss"] == reference["final_main_loss"]
+
+    # Evaluation of the first model: the model beats chance and BM25 is scored alongside.
+    evaluated = evaluate_retriever(params, world / "evaluate", progress=False)
+    for key in ("gauc", "recall_at_10", "recall_at_100", "mrr", "ndcg_at_10", "bm25_gauc"):
+        assert 0 <= evaluated[key] <= 1, key
+    assert evaluated["gauc"] > 0.5
+    for name in ("recall_curve.png", "embedding_map.png", "product_embeddings.npy"):
+        assert (world / "evaluate" / name).exists()
