@@ -24,10 +24,14 @@ def ace(
     params_file: str = "params.yaml",
     overrides: dict[str, Any] | None = None,
     stages: list[str] | None = None,
+    variant: str | None = None,
 ) -> dict[str, Metrics]:
-    """Run the pipeline: validate -> ... ; `stages` picks a subset, `overrides` sets params."""
-    logger = get_run_logger()
+    """Run the pipeline: validate -> ... ; `stages` picks a subset, `overrides` sets params,
+    `variant` the paper's model (twinbert, fashionbert, cebert, cebert_hot, cebert_adv, acebert)."""
+    if variant is not None:
+        overrides = {**(overrides or {}), "model.variant": variant}
     params = load_params(params_file, overrides)
+    logger = get_run_logger()
     selected = [s for s in STAGES if stages is None or s.name in stages]
     unknown = set(stages or []) - {s.name for s in STAGES}
     if unknown:

@@ -156,6 +156,14 @@ def test_prefect_flow_runs_stages_nested_under_one_pipeline_run(
     assert {"evaluate/recall_curve.png", "evaluate/embedding_map.png"} <= logged["evaluate"]
 
 
+def test_flow_takes_the_variant_as_a_parameter():
+    from flows.ace import ace
+
+    assert "variant" in ace.parameters.properties
+    with pytest.raises(ConfigError, match=r"model\.variant"):
+        ace.fn(params_file=str(ROOT / "params.yaml"), variant="nobert")
+
+
 def test_deployment_full_is_offered():
     from flows.serve import deployments
 
