@@ -247,6 +247,32 @@ class FinetuneConfig(_Section):
     device: str = "auto"
 
 
+class DistillConfig(_Section):
+    layers: int = Field(default=0, ge=0)  # student encoder layers; 0 = half the teacher's
+    include_titles: bool = True  # distil on titles (cut to query length) besides the queries
+    retrieval_weight: float = Field(default=1.0, ge=0)  # KL of the rankings over the catalogue
+    batch_size: int = Field(default=128, ge=2)
+    learning_rate: float = Field(default=5e-4, gt=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    epochs: int = Field(default=8, ge=1)
+    seed: int = 13
+    device: str = "auto"
+
+
+class IndexConfig(_Section):
+    type: Literal["flat", "hnsw", "ivf", "ivfpq"] = "hnsw"
+    hnsw_m: int = Field(default=32, ge=2)  # graph degree
+    ef_construction: int = Field(default=80, ge=1)
+    ef_search: int = Field(default=128, ge=1)
+    nlist: int = Field(default=0, ge=0)  # IVF cells; 0 = 4 sqrt(n), at least 39 products per cell
+    nprobe: int = Field(default=16, ge=1)  # IVF cells searched
+    pq_m: int = Field(default=16, ge=1)  # IVF-PQ sub-quantisers (must divide the embedding size)
+    pq_bits: int = Field(default=8, ge=1, le=16)
+    recall_k: int = Field(default=100, ge=1)  # ANN recall@k against exact search, reported
+    hot_traffic_share: Share = 0.87  # cache the top queries covering this share of searches ...
+    hot_max_queries: int = Field(default=100_000, ge=0)  # ... but at most this many
+
+
 class EvaluateConfig(_Section):
     ks: tuple[int, ...] = (10, 50, 100)  # Recall@K
     batch_size: int = Field(default=128, ge=1)  # encoding
@@ -270,6 +296,8 @@ class Params(_Section):
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    distill: DistillConfig = DistillConfig()
+    index: IndexConfig = IndexConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

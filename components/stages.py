@@ -103,6 +103,24 @@ def _evaluate(params: Params) -> Metrics:
     return metrics
 
 
+def _distill(params: Params) -> Metrics:
+    from components.distill import STUDENT_DIR, distill
+
+    out_dir = stage_dir(params, "distill")
+    metrics = distill(params, out_dir)
+    mlflow.log_artifacts(str(out_dir / STUDENT_DIR), artifact_path="distill/student")
+    return metrics
+
+
+def _index(params: Params) -> Metrics:
+    from components.index import MANIFEST, build
+
+    out_dir = stage_dir(params, "index")
+    metrics = build(params, out_dir)
+    mlflow.log_artifact(str(out_dir / MANIFEST), artifact_path="index")
+    return metrics
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="validate",
@@ -164,6 +182,24 @@ STAGES: tuple[Stage, ...] = (
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune")],
         outs=lambda p: [stage_dir(p, "evaluate")],
         description="GAUC, Recall@K, MRR, nDCG@10 on the test days, against BM25.",
+    ),
+    Stage(
+        name="distill",
+        run=_distill,
+        params=("model", "split", "finetune", "evaluate", "distill"),
+        code=("components/distill.py", "components/retrieval.py", "components/modeling.py"),
+        deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune", "evaluate")],
+        outs=lambda p: [stage_dir(p, "distill")],
+        description="A shallower query tower distilled from the fine-tuned one (paper 4.7).",
+    ),
+    Stage(
+        name="index",
+        run=_index,
+        params=("split", "finetune", "evaluate", "index"),
+        code=("components/index.py", "components/retrieval.py"),
+        deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune", "evaluate")],
+        outs=lambda p: [stage_dir(p, "index")],
+        description="FAISS product index and the hot-query cache, swapped in atomically.",
     ),
 )
 

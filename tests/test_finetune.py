@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from components import finetune as ft
 from components.config import FeaturesConfig, Params, load_params
+from components.distill import distill, kept_layers, make_student
 from components.evaluate import evaluate_retriever
 from components.features import build_features
 from components.finetune import (
@@ -23,6 +24,8 @@ from components.finetune import (
     mixed_negative_batches,
     same_category_share,
 )
+from components.index import build as build_index_stage
+from components.index import load as load_index
 from components.modeling import (
     AceBertForRetrieval,
     CeBertConfig,
@@ -68,6 +71,7 @@ def _params(artifacts: Path, tiny_world: Path, **overrides: object) -> Params:
             "paths.data_dir": str(tiny_world),
             "paths.artifacts_dir": str(artifacts),
             "model.variant": "acebert",
+            "pretrain.num_layers": 2,  # so the distilled student (1 layer) is smaller
             "pretrain.device": "cpu",
             "finetune.device": "cpu",
             "evaluate.device": "cpu",
@@ -301,3 +305,53 @@ def test_tiny_finetune_learns_resumes_and_evaluates(
     assert evaluated["gauc"] > 0.5
     for name in ("recall_curve.png", "embedding_map.png", "product_embeddings.npy"):
         assert (world / "evaluate" / name).exists()
+
+    # Distillation: a 1-layer student of the 2-layer teacher, which learns to follow it.
+    distilled = distill(_params(world, tiny_world, **{"distill.epochs": 6}), world / "distill")
+    assert distilled["student_layers"] == 1 and distilled["teacher_layers"] == 2
+    history = json.loads((world / "distill" / "history.json").read_text())
+    first, last = (
+        np.mean([h["cosine_loss"] for h in part]) for part in (history[:3], history[-3:])
+    )
+    assert last < 0.9 * first
+    assert distilled["teacher_recall_at_100"] == pytest.approx(evaluated["recall_at_100"])
+    student = AceBertForRetrieval.from_pretrained(world / "distill" / "student")
+    assert student.config.num_hidden_layers == 1
+
+    # The index over the same product embeddings, and the hot-query cache.
+    indexed = build_index_stage(params, world / "index")
+    index, product_ids, manifest, hot, hot_emb = load_index(world / "index")
+    assert index.ntotal == len(product_ids) == evaluated["n_products"]
+    assert manifest["type"] == params.index.type and len(hot) == len(hot_emb) > 0
+    assert indexed["ann_recall_at_100_vs_exact"] > 0.9
+    assert 0 < indexed["hot_cache_share_of_test_searches"] <= 1
+
+
+def test_student_layers_are_evenly_spaced_teacher_layers():
+    assert kept_layers(4, 2) == [1, 3]
+    assert kept_layers(4, 1) == [3]
+    assert kept_layers(6, 3) == [1, 3, 5]
+    assert kept_layers(4, 4) == [0, 1, 2, 3]
+    config = CeBertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        use_patches=False,
+        use_pixels=False,
+        text_positions=8,
+        max_position_embeddings=8,
+        embedding_dim=8,
+    )
+    torch.manual_seed(0)
+    teacher = AceBertForRetrieval(config)
+    student = make_student(teacher, 2)
+    assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
+    ours, theirs = student.state_dict(), teacher.state_dict()
+    for i, kept in enumerate([1, 3]):
+        for key in ours:
+            if key.startswith(f"ce_bert.bert.encoder.layer.{i}."):
+                source = key.replace(f"layer.{i}.", f"layer.{kept}.", 1)
+                assert torch.equal(ours[key], theirs[source]), key
+    assert torch.equal(ours["query_projection.weight"], theirs["query_projection.weight"])

@@ -1,0 +1,192 @@
+"""Query-tower distillation (paper 4.7): a shallower student reproduces the teacher's queries.
+
+Only the query side is compressed, as the paper does: product embeddings are computed offline
+by the teacher and indexed, so their cost never reaches a search. Choices:
+
+- The student is the fine-tuned model with `layers` encoder layers (default half the teacher's),
+  initialised from evenly spaced teacher layers that include the last one (4 -> 2 keeps layers
+  1 and 3; DistilBERT keeps one of every two) and every other teacher weight.
+- Texts: the distinct queries of the training days (hot queries are among them) and, with
+  `include_titles`, the catalogue's titles cut to the query length: tail queries at serving
+  time are unseen, and titles carry the same vocabulary.
+- Loss: 1 - cos(student, teacher) per text, plus `retrieval_weight` times the KL divergence
+  between the teacher's and the student's softmax over the whole catalogue's (frozen, teacher)
+  product embeddings at temperature 1 / gamma: the student is taught to rank like the teacher.
+- The stage reports the student's Recall@100 on the test days next to the teacher's, both
+  against the teacher's product embeddings, so the ratio is the cost of compression alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from components.backbones import resolve_device
+from components.config import Params
+from components.errors import AceError
+from components.evaluate import PRODUCT_EMBEDDINGS, metric_name
+from components.features import FeatureStore
+from components.modeling import AceBertForRetrieval
+from components.retrieval import (
+    HOT_QUERIES_FILE,
+    Catalogue,
+    embed_products,
+    embed_queries,
+    encode_texts,
+    load_retriever,
+    split_days,
+    trim,
+)
+from components.retrieval_metrics import exact_top_k, ranking_metrics, relevant_sets
+
+STUDENT_DIR = "student"
+SUMMARY = "distill_summary.json"
+_LAYER_KEY = "ce_bert.bert.encoder.layer."
+
+
+def kept_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers, the last one included: 4 -> 2 gives [1, 3]."""
+    if not 1 <= student_layers <= teacher_layers:
+        raise AceError(f"a student of {student_layers} layers from a teacher of {teacher_layers}")
+    step = teacher_layers / student_layers
+    return [round(step * (i + 1)) - 1 for i in range(student_layers)]
+
+
+def make_student(teacher: AceBertForRetrieval, layers: int) -> AceBertForRetrieval:
+    """The teacher with `layers` encoder layers, each copied from a kept teacher layer."""
+    keep = kept_layers(teacher.config.num_hidden_layers, layers)
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.num_hidden_layers = layers
+    student = AceBertForRetrieval(config)
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if key.startswith(_LAYER_KEY):
+            index, rest = key.removeprefix(_LAYER_KEY).split(".", 1)
+            if int(index) not in keep:
+                continue
+            key = f"{_LAYER_KEY}{keep.index(int(index))}.{rest}"
+        state[key] = value.clone()
+    student.load_state_dict(state)  # strict: every student weight comes from the teacher
+    return student
+
+
+def distill(params: Params, out_dir: Path, progress: bool = True) -> dict[str, float]:
+    start = time.perf_counter()
+    cfg = params.distill
+    device = resolve_device(cfg.device)
+    artifacts = params.paths.artifacts_dir
+    teacher_dir = artifacts / "finetune" / "model"
+    teacher, tokenizer = load_retriever(teacher_dir)
+    teacher.to(device).eval()
+    layers = cfg.layers or max(1, teacher.config.num_hidden_layers // 2)
+    torch.manual_seed(cfg.seed)
+    student = make_student(teacher, layers).to(device)
+
+    products = pd.read_parquet(artifacts / "validate" / "products.parquet")
+    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
+    train, test = split_days(impressions, params.split.test_days)
+    hot = json.loads((teacher_dir / HOT_QUERIES_FILE).read_text(encoding="utf-8"))
+    store = FeatureStore(artifacts / "features")
+    catalogue = Catalogue.build(
+        products, store, params.model, tokenizer, hot, params.finetune.max_product_text_len
+    )
+    embeddings_file = artifacts / "evaluate" / PRODUCT_EMBEDDINGS
+    if embeddings_file.exists():
+        product_emb = np.load(embeddings_file)
+    else:
+        product_emb = embed_products(teacher, catalogue, params.evaluate.batch_size, device)
+    if len(product_emb) != len(catalogue):
+        raise AceError(f"{embeddings_file}: {len(product_emb)} rows for {len(catalogue)} products")
+    products_t = torch.from_numpy(product_emb).to(device)
+
+    texts = sorted(set(train["query"].astype(str)))
+    if cfg.include_titles:
+        texts += catalogue.titles
+    max_len = params.finetune.max_query_len
+    ids = encode_texts(tokenizer, texts, max_len)
+    targets = torch.from_numpy(
+        embed_queries(teacher, tokenizer, texts, max_len, params.evaluate.batch_size, device)
+    ).to(device)
+
+    gamma = params.finetune.gamma
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate)
+    steps_per_epoch = -(-len(texts) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total), total)
+    history: list[dict[str, float]] = []
+    student.train()
+    bar = tqdm(total=total, desc="distill", unit="step", disable=not progress)
+    for epoch in range(cfg.epochs):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(texts))
+        for begin in range(0, len(order), cfg.batch_size):
+            rows = order[begin : begin + cfg.batch_size]
+            input_ids, mask = trim(ids[rows], tokenizer.pad_token_id)
+            q = student.encode_queries(input_ids.to(device), mask.to(device))
+            teacher_q = targets[rows]
+            cosine = (1 - (q * teacher_q).sum(-1)).mean()
+            loss = cosine
+            record = {"cosine_loss": cosine.item()}
+            if cfg.retrieval_weight > 0:
+                log_student = F.log_softmax(gamma * q @ products_t.T, -1)
+                log_teacher = F.log_softmax(gamma * teacher_q @ products_t.T, -1)
+                kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+                loss = loss + cfg.retrieval_weight * kl
+                record["ranking_kl"] = kl.item()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append({"step": len(history) + 1, "loss": loss.item(), **record})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.update()
+    bar.close()
+    student.eval()
+
+    # Recall on the test days against the teacher's product embeddings: teacher vs student.
+    index_of = catalogue.index_of()
+    kept = test[test["product_id"].isin(index_of)]
+    queries, relevant = relevant_sets(kept, None, index_of)
+    depth = max(params.evaluate.ks)
+    metrics: dict[str, float] = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        emb = embed_queries(model, tokenizer, queries, max_len, params.evaluate.batch_size, device)
+        top = exact_top_k(emb, product_emb, depth)[1]
+        ranking = ranking_metrics(top, relevant, params.evaluate.ks, catalog_size=len(catalogue))
+        for key, value in ranking.items():
+            if key != "n_queries":
+                metrics[f"{name}_{metric_name(key)}"] = value
+    recall = metric_name(f"recall@{depth}")
+    metrics[f"student_over_teacher_{recall}"] = (
+        metrics[f"student_{recall}"] / metrics[f"teacher_{recall}"]
+        if metrics[f"teacher_{recall}"]
+        else 0.0
+    )
+    metrics.update(
+        student_layers=float(layers),
+        teacher_layers=float(teacher.config.num_hidden_layers),
+        texts=float(len(texts)),
+        final_cosine_loss=float(np.mean([h["cosine_loss"] for h in history[-20:]])),
+        seconds=time.perf_counter() - start,
+    )
+
+    out_dir = Path(out_dir)
+    student_dir = out_dir / STUDENT_DIR
+    student.save_pretrained(student_dir)
+    tokenizer.save_pretrained(student_dir)
+    summary = {
+        "kept_teacher_layers": kept_layers(teacher.config.num_hidden_layers, layers),
+        "distill": cfg.model_dump(mode="json"),
+        "metrics": metrics,
+    }
+    (student_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "history.json").write_text(json.dumps(history) + "\n", encoding="utf-8")
+    return metrics

@@ -1,0 +1,185 @@
+"""The product index and the hot-query cache (paper 4.7), saved so a crash never leaves half.
+
+- Product embeddings (the fine-tuned product tower's, from `evaluate`) go into a FAISS
+  inner-product index of `index.type`: `flat` (exact), `hnsw`, `ivf` or `ivfpq`. Embeddings are
+  L2-normalised, so inner product is cosine. Row i of the index is `product_ids[i]`.
+- The hot-query cache holds the teacher's query embeddings of the most frequent training-day
+  queries: the fewest top queries that cover `hot_traffic_share` of the training searches, at
+  most `hot_max_queries`. A search for a cached query needs no encoder at all.
+- The folder is written aside and swapped in by rename: the previous index stays whole until the
+  new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from components.config import IndexConfig, Params
+from components.errors import AceError, DataError
+from components.evaluate import PRODUCT_EMBEDDINGS
+from components.retrieval import embed_queries, load_retriever, split_days
+from components.retrieval_metrics import exact_top_k
+
+INDEX_FILE = "products.faiss"
+IDS_FILE = "product_ids.json"
+MANIFEST = "manifest.json"
+HOT_FILE = "hot_cache.json"
+HOT_EMBEDDINGS = "hot_cache.npy"
+
+
+def build_index(vectors: np.ndarray, cfg: IndexConfig) -> faiss.Index:
+    """A trained, filled FAISS inner-product index of `cfg.type` over `vectors` (n, d)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = vectors.shape
+    metric = faiss.METRIC_INNER_PRODUCT
+    if cfg.type == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif cfg.type == "hnsw":
+        index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, metric)
+        index.hnsw.efConstruction = cfg.ef_construction
+        index.hnsw.efSearch = cfg.ef_search
+    else:
+        nlist = cfg.nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
+        quantizer = faiss.IndexFlatIP(d)
+        if cfg.type == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, metric)
+        else:
+            if d % cfg.pq_m:
+                raise AceError(f"index.pq_m {cfg.pq_m} does not divide the embedding size {d}")
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, cfg.pq_bits, metric)
+        index.train(vectors)
+        index.nprobe = min(cfg.nprobe, nlist)
+    index.add(vectors)
+    return index
+
+
+def hot_cache_queries(train_impressions: pd.DataFrame, share: float, max_queries: int) -> list[str]:
+    """Most frequent training queries (by searches) covering `share` of them, at most `max`."""
+    searches = _searches(train_impressions)
+    counts = searches["query"].value_counts()
+    counts = counts.sort_index(kind="stable").sort_values(ascending=False, kind="stable")
+    covered = counts.cumsum() / counts.sum()
+    n = int(np.searchsorted(covered.to_numpy(), share) + 1)
+    return list(counts.index[: min(n, max_queries)])
+
+
+def _searches(impressions: pd.DataFrame) -> pd.DataFrame:
+    """One row per search: (search_id, query) when there is a search id, else per impression."""
+    if "search_id" in impressions:
+        return impressions.drop_duplicates("search_id")[["search_id", "query"]]
+    return impressions[["query"]]
+
+
+def build(params: Params, out_dir: Path, progress: bool = True) -> dict[str, float]:
+    start = time.perf_counter()
+    cfg = params.index
+    artifacts = params.paths.artifacts_dir
+    embeddings_file = artifacts / "evaluate" / PRODUCT_EMBEDDINGS
+    if not embeddings_file.exists():
+        raise DataError(f"{embeddings_file}: no product embeddings (run the evaluate stage)")
+    vectors = np.load(embeddings_file).astype(np.float32)
+    teacher_dir = artifacts / "finetune" / "model"
+    teacher, tokenizer = load_retriever(teacher_dir)
+    product_ids = _catalogue_ids(params)
+    if len(product_ids) != len(vectors):
+        raise DataError(f"{embeddings_file}: {len(vectors)} rows for {len(product_ids)} products")
+
+    built = time.perf_counter()
+    index = build_index(vectors, cfg)
+    build_seconds = time.perf_counter() - built
+
+    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
+    train, test = split_days(impressions, params.split.test_days)
+    hot = hot_cache_queries(train, cfg.hot_traffic_share, cfg.hot_max_queries)
+    max_len = params.finetune.max_query_len
+    batch = params.evaluate.batch_size
+    device = teacher.device
+    hot_emb = embed_queries(teacher, tokenizer, hot, max_len, batch, device)
+    test_searches = _searches(test)
+    served = float(test_searches["query"].isin(set(hot)).mean()) if len(test_searches) else 0.0
+
+    # ANN recall@K against the exact search, on the test queries.
+    queries = sorted(test["query"].unique())
+    query_emb = embed_queries(teacher, tokenizer, queries, max_len, batch, device)
+    k = min(cfg.recall_k, len(vectors))
+    exact = exact_top_k(query_emb, vectors, k)[1]
+    approximate = index.search(np.ascontiguousarray(query_emb), k)[1]
+    overlap = [len(set(a) & set(e)) / k for a, e in zip(approximate, exact, strict=True)]
+
+    manifest = {
+        "type": cfg.type,
+        "n_products": len(product_ids),
+        "dim": int(vectors.shape[1]),
+        "settings": cfg.model_dump(mode="json"),
+        "hot_queries": len(hot),
+        "embeddings": str(embeddings_file),
+    }
+    _write_atomically(Path(out_dir), index, product_ids, manifest, hot, hot_emb)
+    return {
+        "n_products": float(len(product_ids)),
+        f"ann_recall_at_{k}_vs_exact": float(np.mean(overlap)) if overlap else 0.0,
+        "hot_cache_queries": float(len(hot)),
+        "hot_cache_share_of_training_searches": _share(_searches(train), hot),
+        "hot_cache_share_of_test_searches": served,
+        "build_seconds": build_seconds,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _share(searches: pd.DataFrame, hot: list[str]) -> float:
+    return float(searches["query"].isin(set(hot)).mean()) if len(searches) else 0.0
+
+
+def _catalogue_ids(params: Params) -> list[str]:
+    """The catalogue's product ids in the embeddings' order (retrieval.Catalogue's order)."""
+    from components.features import FeatureStore
+
+    artifacts = params.paths.artifacts_dir
+    products = pd.read_parquet(artifacts / "validate" / "products.parquet")
+    store = FeatureStore(artifacts / "features")
+    return sorted(pid for pid in products["product_id"] if pid in store.row_of)
+
+
+def _write_atomically(
+    out_dir: Path,
+    index: faiss.Index,
+    product_ids: list[str],
+    manifest: dict,
+    hot: list[str],
+    hot_emb: np.ndarray,
+) -> None:
+    work = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    faiss.write_index(index, str(work / INDEX_FILE))
+    (work / IDS_FILE).write_text(json.dumps(product_ids) + "\n", encoding="utf-8")
+    (work / HOT_FILE).write_text(json.dumps(hot) + "\n", encoding="utf-8")
+    np.save(work / HOT_EMBEDDINGS, hot_emb.astype(np.float32))
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    work.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load(index_dir: Path) -> tuple[faiss.Index, list[str], dict, list[str], np.ndarray]:
+    """(index, product_ids, manifest, hot queries, hot embeddings) as `build` saved them."""
+    index_dir = Path(index_dir)
+    if not (index_dir / MANIFEST).exists():
+        raise DataError(f"{index_dir}: no index here (run the index stage)")
+    return (
+        faiss.read_index(str(index_dir / INDEX_FILE)),
+        json.loads((index_dir / IDS_FILE).read_text(encoding="utf-8")),
+        json.loads((index_dir / MANIFEST).read_text(encoding="utf-8")),
+        json.loads((index_dir / HOT_FILE).read_text(encoding="utf-8")),
+        np.load(index_dir / HOT_EMBEDDINGS),
+    )

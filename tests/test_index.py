@@ -1,0 +1,82 @@
+"""FAISS product index types, the hot-query cache, and the atomic swap of the index folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+
+from components import index as ix
+from components.config import IndexConfig
+from components.retrieval_metrics import exact_top_k
+
+
+@pytest.fixture(scope="module")
+def vectors() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 32))
+    x = centres[rng.integers(0, 20, 3000)] + 0.3 * rng.normal(size=(3000, 32))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _recall(index: faiss.Index, vectors: np.ndarray, k: int = 50) -> float:
+    queries = vectors[:200] + 0.05
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = exact_top_k(queries, vectors, k)[1]
+    found = index.search(queries, k)[1]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact, strict=True)]))
+
+
+def test_index_types_against_exact_search(vectors: np.ndarray):
+    assert _recall(ix.build_index(vectors, IndexConfig(type="flat")), vectors) == 1.0
+    hnsw = ix.build_index(vectors, IndexConfig(type="hnsw"))
+    assert _recall(hnsw, vectors) > 0.95
+    every_cell = IndexConfig(type="ivf", nlist=20, nprobe=20)
+    assert _recall(ix.build_index(vectors, every_cell), vectors) == 1.0  # all cells: exact
+    few_cells = _recall(
+        ix.build_index(vectors, IndexConfig(type="ivf", nlist=20, nprobe=1)), vectors
+    )
+    assert few_cells < 1.0
+    pq = ix.build_index(vectors, IndexConfig(type="ivfpq", nlist=20, nprobe=20, pq_m=8))
+    assert 0.3 < _recall(pq, vectors) < 1.0  # compressed codes: approximate even over every cell
+    with pytest.raises(Exception, match="does not divide"):
+        ix.build_index(vectors, IndexConfig(type="ivfpq", pq_m=5))
+
+
+def test_hot_cache_takes_the_fewest_top_queries_covering_the_share():
+    searches = ["a"] * 6 + ["b"] * 3 + ["c"] * 1  # 60%, 30%, 10% of the searches
+    frame = pd.DataFrame(
+        {"search_id": [f"s{i}" for i in range(10)], "query": searches, "day": 0}
+    ).loc[lambda d: d.index.repeat(3)]  # three impressions per search: counted once
+    assert ix.hot_cache_queries(frame, 0.5, 100) == ["a"]
+    assert ix.hot_cache_queries(frame, 0.87, 100) == ["a", "b"]
+    assert ix.hot_cache_queries(frame, 0.95, 100) == ["a", "b", "c"]
+    assert ix.hot_cache_queries(frame, 0.9, 100) == ["a", "b"]
+    assert ix.hot_cache_queries(frame, 1.0, 1) == ["a"]
+
+
+def test_a_crash_while_writing_leaves_the_previous_index_whole(
+    vectors: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    out = tmp_path / "index"
+    first = ix.build_index(vectors[:100], IndexConfig(type="flat"))
+    ids = [f"p{i}" for i in range(100)]
+    hot = np.zeros((1, 32), np.float32)
+    ix._write_atomically(out, first, ids, {"type": "flat"}, ["q"], hot)
+
+    def crash(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ix.faiss, "write_index", crash)
+    second = ix.build_index(vectors[:200], IndexConfig(type="flat"))
+    with pytest.raises(OSError, match="disk full"):
+        ix._write_atomically(out, second, ids * 2, {"type": "flat"}, ["q"], hot)
+    monkeypatch.undo()
+    index, product_ids, manifest, queries, embeddings = ix.load(out)
+    assert index.ntotal == 100 and product_ids == ids and manifest == {"type": "flat"}
+    assert queries == ["q"] and embeddings.shape == (1, 32)
+    assert json.loads((out / ix.IDS_FILE).read_text()) == ids
