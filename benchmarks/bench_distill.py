@@ -55,7 +55,7 @@ def main() -> None:
     for batch in (1, 64):
         times: dict[str, list[float]] = {"teacher": [], "student": []}
         models = {"teacher": teacher, "student": student}
-        for name, model in models.items():  # warm-up
+        for model in models.values():  # warm-up
             for _ in range(3):
                 call(model, batch)
         for r in range(args.rounds):
