@@ -253,3 +253,26 @@ def test_init_from_bert_copies_weights_truncates_layers_and_grows_segments(tmp_p
     wider = CeBertForPreTraining(_config(hidden_size=48, num_attention_heads=2))
     with pytest.raises(AceError, match="build the config from the checkpoint"):
         init_text_encoder_from(wider, tmp_path / "bert")
+
+
+def test_tip_match_adds_a_bilinear_term_of_the_text_and_image_means():
+    torch.manual_seed(0)
+    paper = CeBertForPreTraining(_config(tip_pooling="cls")).eval()
+    assert paper.tip_match is None
+    model = CeBertForPreTraining(_config(tip_pooling="match")).eval()
+    model.load_state_dict(paper.state_dict(), strict=False)  # the same encoder and [CLS] head
+    batch = _batch()
+    with torch.no_grad():
+        with_match = model(**batch).tip_logits
+        cls_only = paper(**batch).tip_logits
+        sequence, _ = model.ce_bert(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["patch_features"],
+            batch["pixel_values"],
+            batch["patch_mask"],
+        )
+        text = sequence[:, :TEXT].mean(1)  # every text token is real in this batch
+        image = sequence[:, TEXT:].mean(1)
+        bilinear = torch.einsum("bi,ij,bj->b", text, model.tip_match.weight[0], image)
+    torch.testing.assert_close(with_match, cls_only + bilinear, rtol=1e-5, atol=1e-5)
