@@ -170,6 +170,29 @@ def flows_serve() -> None:
     serve_deployments()
 
 
+@app.command("search")
+def search(
+    query: Annotated[str, typer.Argument(help="What a shopper types.")],
+    k: Annotated[int, typer.Option("--k", help="How many products.")] = 10,
+    sheet: Annotated[
+        Path | None, typer.Option(help="Also write the results' images as a PNG contact sheet.")
+    ] = None,
+    model: Annotated[str, typer.Option(help="Registered model URI.")] = "models:/ace@champion",
+    params_file: ParamsOption = PARAMS_FILE,
+) -> None:
+    """Search the catalogue with the champion retriever: top-K with titles (and images)."""
+    from components.search import contact_sheet, search_titles
+
+    params = load_params(params_file)
+    results = search_titles(params, model, query, k)
+    for rank, row in enumerate(results.itertuples(), start=1):
+        cached = " (hot-query cache)" if row.cached and rank == 1 else ""
+        typer.echo(f"{rank:3d}. {row.score:.3f}  {row.product_id}  {row.title}{cached}")
+    if sheet is not None:
+        contact_sheet(params, results, query, sheet)
+        typer.echo(f"wrote {sheet}")
+
+
 @app.command("compare")
 def compare_variants(
     out: Annotated[Path, typer.Option(help="Folder for compare.md / compare.json / plots.")] = Path(

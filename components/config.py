@@ -273,6 +273,12 @@ class IndexConfig(_Section):
     hot_max_queries: int = Field(default=100_000, ge=0)  # ... but at most this many
 
 
+class GateConfig(_Section):
+    min_gauc: float = Field(default=0.6, ge=0, le=1)  # absolute floors on the test days
+    min_recall_at_100: float = Field(default=0.3, ge=0, le=1)
+    tolerance: float = Field(default=0.01, ge=0)  # allowed drop below the champion's figures
+
+
 class EvaluateConfig(_Section):
     ks: tuple[int, ...] = (10, 50, 100)  # Recall@K
     batch_size: int = Field(default=128, ge=1)  # encoding
@@ -298,6 +304,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     distill: DistillConfig = DistillConfig()
     index: IndexConfig = IndexConfig()
+    gate: GateConfig = GateConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

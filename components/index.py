@@ -32,6 +32,7 @@ IDS_FILE = "product_ids.json"
 MANIFEST = "manifest.json"
 HOT_FILE = "hot_cache.json"
 HOT_EMBEDDINGS = "hot_cache.npy"
+PRODUCT_VECTORS = "product_embeddings.npy"
 
 
 def build_index(vectors: np.ndarray, cfg: IndexConfig) -> faiss.Index:
@@ -121,7 +122,7 @@ def build(params: Params, out_dir: Path, progress: bool = True) -> dict[str, flo
         "hot_queries": len(hot),
         "embeddings": str(embeddings_file),
     }
-    _write_atomically(Path(out_dir), index, product_ids, manifest, hot, hot_emb)
+    _write_atomically(Path(out_dir), index, product_ids, manifest, hot, hot_emb, vectors)
     return {
         "n_products": float(len(product_ids)),
         f"ann_recall_at_{k}_vs_exact": float(np.mean(overlap)) if overlap else 0.0,
@@ -154,10 +155,12 @@ def _write_atomically(
     manifest: dict,
     hot: list[str],
     hot_emb: np.ndarray,
+    vectors: np.ndarray,
 ) -> None:
     work = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    np.save(work / PRODUCT_VECTORS, vectors.astype(np.float32))  # exact scores of given pairs
     faiss.write_index(index, str(work / INDEX_FILE))
     (work / IDS_FILE).write_text(json.dumps(product_ids) + "\n", encoding="utf-8")
     (work / HOT_FILE).write_text(json.dumps(hot) + "\n", encoding="utf-8")

@@ -121,6 +121,15 @@ def _index(params: Params) -> Metrics:
     return metrics
 
 
+def _gate(params: Params) -> Metrics:
+    from components.gate import DECISION, gate
+
+    out_dir = stage_dir(params, "gate")
+    metrics = gate(params, out_dir)
+    mlflow.log_artifact(str(out_dir / DECISION), artifact_path="gate")
+    return metrics
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="validate",
@@ -200,6 +209,15 @@ STAGES: tuple[Stage, ...] = (
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune", "evaluate")],
         outs=lambda p: [stage_dir(p, "index")],
         description="FAISS product index and the hot-query cache, swapped in atomically.",
+    ),
+    Stage(
+        name="gate",
+        run=_gate,
+        params=("split", "finetune", "gate", "tracking"),
+        code=("components/gate.py", "components/serving.py"),
+        deps=lambda p: [stage_dir(p, n) for n in ("validate", "evaluate", "distill", "index")],
+        outs=lambda p: [stage_dir(p, "gate")],
+        description="Register the served retriever; promote it to champion only if it passes.",
     ),
 )
 

@@ -66,7 +66,7 @@ def test_a_crash_while_writing_leaves_the_previous_index_whole(
     first = ix.build_index(vectors[:100], IndexConfig(type="flat"))
     ids = [f"p{i}" for i in range(100)]
     hot = np.zeros((1, 32), np.float32)
-    ix._write_atomically(out, first, ids, {"type": "flat"}, ["q"], hot)
+    ix._write_atomically(out, first, ids, {"type": "flat"}, ["q"], hot, vectors[:100])
 
     def crash(*args: object) -> None:
         raise OSError("disk full")
@@ -74,7 +74,7 @@ def test_a_crash_while_writing_leaves_the_previous_index_whole(
     monkeypatch.setattr(ix.faiss, "write_index", crash)
     second = ix.build_index(vectors[:200], IndexConfig(type="flat"))
     with pytest.raises(OSError, match="disk full"):
-        ix._write_atomically(out, second, ids * 2, {"type": "flat"}, ["q"], hot)
+        ix._write_atomically(out, second, ids * 2, {"type": "flat"}, ["q"], hot, vectors[:200])
     monkeypatch.undo()
     index, product_ids, manifest, queries, embeddings = ix.load(out)
     assert index.ntotal == 100 and product_ids == ids and manifest == {"type": "flat"}
