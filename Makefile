@@ -22,6 +22,7 @@ demo: install
 	dvc add -q data
 	dvc repro
 	dvc metrics show
+	ace search "red striped dress" --k 5
 
 lint: install
 	ruff check .
