@@ -33,7 +33,7 @@ from components.modeling import (
     semantic_matching_loss,
 )
 from components.pretrain import pretrain
-from components.retrieval import hot_queries, load_retriever, split_days
+from components.retrieval import Catalogue, hot_queries, load_retriever, split_days
 from tests.conftest import ROOT, TINY_OVERRIDES
 
 N_PRODUCTS = 120
@@ -355,3 +355,25 @@ def test_student_layers_are_evenly_spaced_teacher_layers():
                 source = key.replace(f"layer.{i}.", f"layer.{kept}.", 1)
                 assert torch.equal(ours[key], theirs[source]), key
     assert torch.equal(ours["query_projection.weight"], theirs["query_projection.weight"])
+
+
+def test_training_product_text_leaves_the_pairs_own_query_out():
+    catalogue = Catalogue(
+        product_ids=["p1", "p2"],
+        titles=["Red Dress", "Blue Cap"],
+        categories=np.array(["dress", "cap"]),
+        text_ids=np.zeros((2, 4), np.int64),
+        store_rows=np.arange(2),
+        patches=None,
+        pixels=None,
+        pad_id=0,
+    )
+    hot = {"p1": ["red dress", "dress", "crimson gown"], "p2": ["cap"]}
+    texts = ft.leave_one_out_texts(
+        catalogue, hot, np.array([0, 0, 1]), ["dress", "summer dress", "cap"], "[SEP]"
+    )
+    assert texts == [
+        "Red Dress [SEP] red dress [SEP] crimson gown",  # "dress" was this pair's query
+        "Red Dress [SEP] red dress [SEP] dress [SEP] crimson gown",  # not a hot query: all kept
+        "Blue Cap",
+    ]
