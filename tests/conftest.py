@@ -19,9 +19,14 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 @pytest.fixture(autouse=True)
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test tracks into its own SQLite store, never the user's mlruns/."""
+    import mlflow
+
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     (tmp_path / "mlruns").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # Also the process-wide URI: an earlier test's set_tracking_uri would otherwise win over
+    # the environment for clients created before this test sets its own.
+    mlflow.set_tracking_uri(uri)
     return uri
 
 
