@@ -243,6 +243,8 @@ def main() -> None:
     app.info.epilog = _command_index()
     # MLflow announces its store migrations at INFO on stderr; a user needs only our own lines.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # The in-process Prefect server would try to send usage telemetry: there is no route out.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         app()
