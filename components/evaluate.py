@@ -34,6 +34,7 @@ METRICS_FILE = "metrics.json"
 RECALL_CURVE = "recall_curve.png"
 EMBEDDING_MAP = "embedding_map.png"
 PRODUCT_EMBEDDINGS = "product_embeddings.npy"
+PRODUCT_IDS = "product_ids.json"  # the embeddings' row order
 
 
 def metric_name(key: str) -> str:
@@ -102,6 +103,7 @@ def evaluate_retriever(params: Params, out_dir: Path, progress: bool = True) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / PRODUCT_EMBEDDINGS, product_emb)
+    (out_dir / PRODUCT_IDS).write_text(json.dumps(catalogue.product_ids) + "\n", encoding="utf-8")
     plot_recall_curves(curves, params.model.variant, out_dir / RECALL_CURVE)
     query_categories = _query_categories(kept, catalogue)
     plot_embedding_map(

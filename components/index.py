@@ -23,7 +23,7 @@ import pandas as pd
 
 from components.config import IndexConfig, Params
 from components.errors import AceError, DataError
-from components.evaluate import PRODUCT_EMBEDDINGS
+from components.evaluate import PRODUCT_EMBEDDINGS, PRODUCT_IDS
 from components.retrieval import embed_queries, load_retriever, split_days
 from components.retrieval_metrics import exact_top_k
 
@@ -88,7 +88,8 @@ def build(params: Params, out_dir: Path, progress: bool = True) -> dict[str, flo
     vectors = np.load(embeddings_file).astype(np.float32)
     teacher_dir = artifacts / "finetune" / "model"
     teacher, tokenizer = load_retriever(teacher_dir)
-    product_ids = _catalogue_ids(params)
+    ids_file = embeddings_file.with_name(PRODUCT_IDS)
+    product_ids = json.loads(ids_file.read_text(encoding="utf-8"))
     if len(product_ids) != len(vectors):
         raise DataError(f"{embeddings_file}: {len(vectors)} rows for {len(product_ids)} products")
 
@@ -136,16 +137,6 @@ def build(params: Params, out_dir: Path, progress: bool = True) -> dict[str, flo
 
 def _share(searches: pd.DataFrame, hot: list[str]) -> float:
     return float(searches["query"].isin(set(hot)).mean()) if len(searches) else 0.0
-
-
-def _catalogue_ids(params: Params) -> list[str]:
-    """The catalogue's product ids in the embeddings' order (retrieval.Catalogue's order)."""
-    from components.features import FeatureStore
-
-    artifacts = params.paths.artifacts_dir
-    products = pd.read_parquet(artifacts / "validate" / "products.parquet")
-    store = FeatureStore(artifacts / "features")
-    return sorted(pid for pid in products["product_id"] if pid in store.row_of)
 
 
 def _write_atomically(

@@ -61,6 +61,7 @@ from components.config import ModelConfig, Params, PretrainConfig
 from components.errors import AceError, DataError
 from components.features import FeatureStore
 from components.modeling import CeBertConfig, CeBertForPreTraining, init_text_encoder_from, mpm_kl
+from components.plots import plot_history
 from components.tokenizer import train_wordpiece
 
 log = logging.getLogger(__name__)
@@ -390,7 +391,7 @@ def pretrain(
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     (out_dir / HISTORY).write_text(json.dumps(trainer.history) + "\n", encoding="utf-8")
-    _plot_history(trainer.history, tasks, out_dir / CURVE)
+    plot_history(trainer.history, ["loss", *(f"{t}_loss" for t in tasks)], out_dir / CURVE)
     metrics["seconds"] = time.perf_counter() - start
     imageless = train_set.patches is None and train_set.pixels is None
     summary = {
@@ -627,27 +628,3 @@ def _replace_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, work)
     shutil.rmtree(target, ignore_errors=True)
     work.rename(target)
-
-
-def _plot_history(history: list[dict[str, float]], tasks: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ["loss", *(f"{t}_loss" for t in tasks)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    steps = np.array([h["step"] for h in history])
-    for ax, key in zip(axes[0], keys, strict=True):
-        values = np.array([h.get(key, np.nan) for h in history])
-        ax.plot(steps, values, lw=0.6, alpha=0.4)
-        width = max(1, len(values) // 50)
-        if len(values) >= width:
-            smooth = np.convolve(values, np.ones(width) / width, mode="valid")
-            ax.plot(steps[width - 1 :], smooth, lw=1.5)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -56,6 +56,17 @@ TINY_OVERRIDES: dict[str, object] = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy second core makes OpenMP spin."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def repo_params() -> Params:
     return load_params(ROOT / "params.yaml")

@@ -14,7 +14,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -37,12 +36,7 @@ if not (BIN / "mlflow").exists():
     BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(artifacts: Path, tiny_world: Path, **overrides: object) -> Params:

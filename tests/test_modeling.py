@@ -20,13 +20,7 @@ from components.modeling import (
 VOCAB, TEXT, PATCH_DIM, PIXEL_DIM = 50, 10, 24, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy second core makes OpenMP spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(**overrides) -> CeBertConfig:
