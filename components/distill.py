@@ -32,11 +32,13 @@ from transformers import get_linear_schedule_with_warmup
 from components.backbones import resolve_device
 from components.config import Params
 from components.errors import AceError
-from components.evaluate import PRODUCT_EMBEDDINGS, metric_name
+from components.evaluate import metric_name
 from components.features import FeatureStore
+from components.index import build_index
 from components.modeling import AceBertForRetrieval
 from components.retrieval import (
     HOT_QUERIES_FILE,
+    PRODUCT_EMBEDDINGS,
     Catalogue,
     embed_products,
     embed_queries,
@@ -45,7 +47,7 @@ from components.retrieval import (
     split_days,
     trim,
 )
-from components.retrieval_metrics import exact_top_k, ranking_metrics, relevant_sets
+from components.retrieval_metrics import ranking_metrics, relevant_sets
 
 STUDENT_DIR = "student"
 SUMMARY = "distill_summary.json"
@@ -156,10 +158,11 @@ def distill(params: Params, out_dir: Path, progress: bool = True) -> dict[str, f
     kept = test[test["product_id"].isin(index_of)]
     queries, relevant = relevant_sets(kept, None, index_of)
     depth = max(params.evaluate.ks)
+    served_index = build_index(product_emb, params.index)  # both ranked the way they would serve
     metrics: dict[str, float] = {}
     for name, model in (("teacher", teacher), ("student", student)):
         emb = embed_queries(model, tokenizer, queries, max_len, params.evaluate.batch_size, device)
-        top = exact_top_k(emb, product_emb, depth)[1]
+        top = served_index.search(np.ascontiguousarray(emb), min(depth, len(catalogue)))[1]
         ranking = ranking_metrics(top, relevant, params.evaluate.ks, catalog_size=len(catalogue))
         for key, value in ranking.items():
             if key != "n_queries":

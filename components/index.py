@@ -23,8 +23,13 @@ import pandas as pd
 
 from components.config import IndexConfig, Params
 from components.errors import AceError, DataError
-from components.evaluate import PRODUCT_EMBEDDINGS, PRODUCT_IDS
-from components.retrieval import embed_queries, load_retriever, split_days
+from components.retrieval import (
+    PRODUCT_EMBEDDINGS,
+    PRODUCT_IDS,
+    embed_queries,
+    load_retriever,
+    split_days,
+)
 from components.retrieval_metrics import exact_top_k
 
 INDEX_FILE = "products.faiss"

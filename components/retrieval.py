@@ -27,6 +27,9 @@ from components.features import FeatureStore
 from components.modeling import AceBertForRetrieval
 
 HOT_QUERIES_FILE = "hot_queries.json"
+# The product tower's embeddings of the catalogue, written by evaluate, read by distill and index.
+PRODUCT_EMBEDDINGS = "product_embeddings.npy"
+PRODUCT_IDS = "product_ids.json"  # the embeddings' row order
 
 
 def split_days(impressions: pd.DataFrame, test_days: int) -> tuple[pd.DataFrame, pd.DataFrame]:

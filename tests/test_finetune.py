@@ -300,6 +300,15 @@ def test_tiny_finetune_learns_resumes_and_evaluates(
     assert evaluated["gauc"] > 0.5
     for name in ("recall_curve.png", "embedding_map.png", "product_embeddings.npy"):
         assert (world / "evaluate" / name).exists()
+    # Headline ranking figures go through the served index type; `exact_` ones do not.
+    exact = {"index.type": "flat"}
+    through_flat = evaluate_retriever(_params(world, tiny_world, **exact), tmp_path / "flat", False)
+    assert through_flat["recall_at_100"] == through_flat["exact_recall_at_100"]
+    assert through_flat["exact_recall_at_100"] == evaluated["exact_recall_at_100"]
+    one_cell = {"index.type": "ivf", "index.nlist": 10, "index.nprobe": 1}
+    coarse = evaluate_retriever(_params(world, tiny_world, **one_cell), tmp_path / "ivf", False)
+    assert coarse["recall_at_100"] < coarse["exact_recall_at_100"]
+    assert coarse["gauc"] == evaluated["gauc"]  # pair scores never touch the index
 
     # Distillation: a 1-layer student of the 2-layer teacher, which learns to follow it.
     distilled = distill(_params(world, tiny_world, **{"distill.epochs": 6}), world / "distill")
