@@ -85,6 +85,45 @@ def data_synth(
     )
 
 
+@data_app.command("append")
+def data_append(
+    days: Annotated[int | None, typer.Option(help="Days to add (default: append.days).")] = None,
+    drift: Annotated[
+        list[str] | None,
+        typer.Option(help="season | new_category | query_mix | clicks (repeatable; default none)."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Stream of the new searches.")] = None,
+    dvc: Annotated[
+        bool,
+        typer.Option(help="Record the new data version with `dvc add` (when data.dvc exists)."),
+    ] = True,
+    params_file: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Append further days (optionally drifted) to the world in paths.data_dir: new data."""
+    import subprocess
+
+    from components import tracking
+    from components.world.append import append_days
+
+    overrides = _parse_overrides(set_)
+    for key, value in (("append.days", days), ("append.drift", drift), ("append.seed", seed)):
+        if value is not None:
+            overrides[key] = value
+    params = load_params(params_file, overrides)
+    summary = append_days(params.paths.data_dir, params.append)
+    typer.echo(
+        f"appended days {summary.first_day}-{summary.first_day + summary.days - 1} "
+        f"(drift: {', '.join(summary.drift) or 'none'}): {summary.n_impressions} impressions, "
+        f"{summary.new_products} new products, {summary.new_queries} new queries "
+        f"in {summary.seconds:.1f}s"
+    )
+    dvc_file = Path(f"{params.paths.data_dir}.dvc")
+    if dvc and dvc_file.exists():
+        subprocess.run(["dvc", "add", "-q", str(params.paths.data_dir)], check=True)
+        typer.echo(f"new data version {tracking.data_version(dvc_file)} in {dvc_file}")
+
+
 @stage_app.command("list")
 def stage_list() -> None:
     """List the stages in pipeline order."""
@@ -121,6 +160,41 @@ def pipeline_run(
     from flows.ace import ace
 
     ace(params_file=str(params_file), overrides=_parse_overrides(set_), stages=stage)
+
+
+@pipeline_app.command("retrain")
+def pipeline_retrain(
+    force: Annotated[bool, typer.Option(help="Retrain even without drift.")] = False,
+    params_file: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Run the Prefect flow behind `ace/retrain` in this process: monitor, retrain on drift."""
+    from flows.retrain import retrain
+
+    result = retrain(params_file=str(params_file), overrides=_parse_overrides(set_), force=force)
+    typer.echo(f"{result['decision']}: {result['outcome']}")
+
+
+@app.command("monitor")
+def monitor_command(
+    params_file: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Drift report of the new days against the champion's training days (validate first)."""
+    from components.monitor import run_monitor
+
+    params = _params(params_file, set_)
+    summary = run_monitor(params)
+    for name, signal in summary.signals.items():
+        flag = "DRIFT" if signal["drifted"] else "ok"
+        typer.echo(f"{name:<26} {signal['score']:>9.4f}  (threshold {signal['threshold']})  {flag}")
+    for window in ("its_test_days", "latest_days", "new_days"):
+        figures = getattr(summary, f"champion_on_{window}")
+        if figures:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in figures.items())
+            typer.echo(f"champion on {window.replace('_', ' ')}: {shown}")
+    verdict = "drifted" if summary.drifted else "not drifted"
+    typer.echo(f"{verdict}: {summary.reason} -> {params.paths.artifacts_dir / 'monitor'}")
 
 
 @pipeline_app.command("dvc-yaml")
@@ -164,7 +238,7 @@ def features_show(
 
 @flows_app.command("serve")
 def flows_serve() -> None:
-    """Serve the deployments `ace/full` (and later `ace/retrain`) to a running Prefect server."""
+    """Serve the deployments `ace/full` and `ace/retrain` (scheduled) to a Prefect server."""
     from flows.serve import serve_deployments
 
     serve_deployments()

@@ -279,6 +279,55 @@ class GateConfig(_Section):
     tolerance: float = Field(default=0.01, ge=0)  # allowed drop below the champion's figures
 
 
+DriftKind = Literal["season", "new_category", "query_mix", "clicks"]
+
+
+class AppendConfig(_Section):
+    """`ace data append`: further days for an existing world, optionally drifted."""
+
+    days: int = Field(default=7, ge=1)
+    drift: tuple[DriftKind, ...] = ()  # empty: the same distribution as the world's first days
+    seed: int = 0  # the appended searches' random stream; 0 = the world's seed
+    # season: a seasonal palette surges in queries, and new products in it join the catalogue
+    season_colours: tuple[str, ...] = ("orange", "brown", "beige")
+    season_pattern: str = "checked"
+    season_boost: float = Field(default=8.0, ge=1)
+    # new_category (and season): this share of the catalogue's size arrives as new products
+    new_product_share: float = Field(default=0.1, gt=0, le=1)
+    new_category: str = "table"  # a category of the vocabulary the world does not use yet
+    new_query_share: float = Field(default=0.25, gt=0, lt=1)  # share of searches naming it
+    new_query_count: float = Field(default=0.1, gt=0, le=1)  # new queries, share of n_queries
+    # query_mix: queries of this many categories (drawn by the seed) become `boost` x as popular
+    query_mix_categories: int = Field(default=4, ge=1)
+    query_mix_boost: float = Field(default=8.0, ge=1)
+    # clicks: users look less far down the list and click irrelevant products more
+    position_bias_power: float = Field(default=2.0, ge=0)
+    click_noise: Share = Field(default=0.1, ge=0, le=1)
+
+
+class MonitorConfig(_Section):
+    """Drift of the new days against the champion's training days (Evidently), and decay."""
+
+    max_rows: int = Field(default=50000, ge=50)  # searches (and clicks) per window; more: sampled
+    column_threshold: float = Field(default=0.1, gt=0)  # Wasserstein (normed) / Jensen-Shannon
+    embedding_threshold: float = Field(default=0.55, gt=0.5, le=1)  # drift classifier ROC AUC
+    ctr_tolerance: float = Field(default=0.25, gt=0)  # relative CTR change at any position
+    decay_tolerance: float = Field(default=0.03, ge=0)  # GAUC / Recall@100 drop vs the champion
+    min_drifted_signals: int = Field(default=1, ge=1)  # this many signals drifted = drift
+    seed: int = 13
+
+
+class RetrainConfig(_Section):
+    """The scheduled deployment `ace/retrain`."""
+
+    cron: str = "0 3 * * 1"  # weekly, Monday 03:00
+    timezone: str = "UTC"
+    task_retries: int = Field(
+        default=2, ge=0
+    )  # transient failures; training resumes from checkpoints
+    retry_delay_seconds: int = Field(default=30, ge=0)
+
+
 class EvaluateConfig(_Section):
     ks: tuple[int, ...] = (10, 50, 100)  # Recall@K
     batch_size: int = Field(default=128, ge=1)  # encoding
@@ -305,6 +354,9 @@ class Params(_Section):
     distill: DistillConfig = DistillConfig()
     index: IndexConfig = IndexConfig()
     gate: GateConfig = GateConfig()
+    append: AppendConfig = AppendConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    retrain: RetrainConfig = RetrainConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

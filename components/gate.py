@@ -38,6 +38,7 @@ from components.serving import Retriever, log_retriever
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 GATED = ("gauc", "recall_at_100")
 DECISION = "decision.json"
+TRAIN_FIRST_DAY, TRAIN_LAST_DAY, LAST_DAY = "train_first_day", "train_last_day", "last_day"
 
 
 @dataclass
@@ -65,20 +66,36 @@ def check(
 
 
 def evaluate_served(retriever: Retriever, test: pd.DataFrame) -> dict[str, float]:
-    """GAUC and Recall@100 of a served retriever on these test impressions (exact definitions)."""
-    known = set(retriever.product_ids)
-    test = test[test["product_id"].isin(known)].reset_index(drop=True)
-    scores = retriever.score_pairs(list(test["query"]), list(test["product_id"]))
+    """GAUC and Recall@100 of a served retriever on these impressions (exact definitions).
+
+    Products its index lacks (new since it was built) count against it, as a shopper would see
+    it: they score the lowest cosine, -1, in GAUC and are misses in Recall@100.
+    """
+    test = test.reset_index(drop=True)
+    known = test["product_id"].isin(set(retriever.product_ids)).to_numpy()
+    scores = np.full(len(test), -1.0)
+    if known.any():
+        scores[known] = retriever.score_pairs(
+            list(test.loc[known, "query"]), list(test.loc[known, "product_id"])
+        )
     value, _ = gauc(test, scores)
     index_of = {pid: i for i, pid in enumerate(retriever.product_ids)}
-    queries, relevant = relevant_sets(test, None, index_of)
+    catalogue = dict(index_of)
+    for pid in test.loc[~known, "product_id"].unique():
+        catalogue[pid] = len(catalogue)  # rows no search can return
+    queries, relevant = relevant_sets(test, None, catalogue)
     depth = min(100, len(index_of))
     found = retriever.search(queries, [depth] * len(queries))
     top = np.array(
         [[index_of[p] for p in ids] + [-1] * (depth - len(ids)) for ids in found["product_ids"]]
     )
-    ranking = ranking_metrics(top, relevant, (depth,), catalog_size=len(index_of))
-    return {"gauc": value, "recall_at_100": ranking[f"recall@{depth}"]}
+    ranking = ranking_metrics(top, relevant, (depth,), catalog_size=len(catalogue))
+    clicked = test["clicked"].astype(bool).to_numpy()
+    return {
+        "gauc": value,
+        "recall_at_100": ranking[f"recall@{depth}"],
+        "clicks_on_products_not_indexed": float((clicked & ~known).sum() / max(1, clicked.sum())),
+    }
 
 
 def gate(params: Params, out_dir: Path) -> dict[str, float]:
@@ -99,13 +116,20 @@ def gate(params: Params, out_dir: Path) -> dict[str, float]:
         artifacts / "index",
         params.finetune.max_query_len,
         out_dir,
+        product_tower_dir=artifacts / "finetune" / "model",
     )
+    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
+    train, test = split_days(impressions, params.split.test_days)
     client = MlflowClient()
     version = mlflow.register_model(info.model_uri, name).version
     for key, value in {
         **candidate,
         "data_version": data_version,
         "test_days": params.split.test_days,
+        # The windows drift monitoring compares new days against.
+        TRAIN_FIRST_DAY: int(train["day"].min()),
+        TRAIN_LAST_DAY: int(train["day"].max()),
+        LAST_DAY: int(test["day"].max()),
         "git_commit": tracking.git_commit(),
         "variant": params.model.variant,
     }.items():
@@ -125,8 +149,6 @@ def gate(params: Params, out_dir: Path) -> dict[str, float]:
         if same_data and all(m in tags for m in GATED):
             decision.champion = {m: float(tags[m]) for m in GATED}
         else:
-            impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
-            _, test = split_days(impressions, params.split.test_days)
             served = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
             decision.champion = evaluate_served(served.unwrap_python_model().retriever, test)
             decision.champion_reevaluated = True

@@ -2,7 +2,9 @@
 
 Bundled artifacts: the distilled query tower and its tokenizer, the FAISS product index with its
 product ids, and the hot-query cache (the teacher's embeddings of the most frequent queries). A
-query found in the cache skips the encoder; any other goes through the student.
+query found in the cache skips the encoder; any other goes through the student. The fine-tuned
+product tower rides along (never loaded to serve) so drift monitoring can embed new products
+under the same towers.
 
 Input: a DataFrame (JSON `{"inputs": [...]}` or `{"dataframe_records": [...]}` over HTTP) with a
 `query` column and an optional `k` column (default `DEFAULT_K`, at most `MAX_K`). Output: one row
@@ -30,6 +32,7 @@ MAX_K = 1000
 MAX_QUERY_CHARS = 256
 
 STUDENT_ARTIFACT = "student"
+PRODUCT_TOWER_ARTIFACT = "product_tower"  # the teacher: embeds products the index lacks (monitor)
 INDEX_ARTIFACT = "index"
 SETTINGS_ARTIFACT = "settings"
 SETTINGS_FILE = "settings.json"
@@ -144,6 +147,7 @@ class AceRetrieverModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper of `Retriever` (see the module doc for the request format)."""
 
     def load_context(self, context: Any) -> None:
+        self.artifacts: dict[str, str] = dict(context.artifacts)
         settings_file = Path(context.artifacts[SETTINGS_ARTIFACT]) / SETTINGS_FILE
         settings = json.loads(settings_file.read_text(encoding="utf-8"))
         self.retriever = Retriever(
@@ -164,7 +168,12 @@ SIGNATURE = ModelSignature(
 
 
 def log_retriever(
-    student_dir: Path, index_dir: Path, max_query_len: int, work_dir: Path, name: str = "retriever"
+    student_dir: Path,
+    index_dir: Path,
+    max_query_len: int,
+    work_dir: Path,
+    product_tower_dir: Path | None = None,
+    name: str = "retriever",
 ) -> Any:
     """Log the bundle as an MLflow pyfunc model in the active run; returns the ModelInfo."""
     settings_dir = Path(work_dir) / "serving-settings"
@@ -179,6 +188,7 @@ def log_retriever(
             STUDENT_ARTIFACT: str(student_dir),
             INDEX_ARTIFACT: str(index_dir),
             SETTINGS_ARTIFACT: str(settings_dir),
+            **({PRODUCT_TOWER_ARTIFACT: str(product_tower_dir)} if product_tower_dir else {}),
         },
         code_paths=[str(components_dir)],
         signature=SIGNATURE,

@@ -5,18 +5,36 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from components import tracking
-from components.config import load_params
+from components.config import Params, load_params
 from components.stages import STAGES, Metrics, Stage, run_stage
 
 
-def _stage_task(stage: Stage):
+def stage_task(stage: Stage, retries: int = 0, retry_delay_seconds: int = 0) -> Task:
     # NO_CACHE: stage inputs are files on disk, which Prefect's input hashing cannot see;
     # skipping unchanged work is DVC's job.
-    return task(run_stage, name=stage.name, cache_policy=NO_CACHE, retries=0)
+    return task(
+        run_stage,
+        name=stage.name,
+        cache_policy=NO_CACHE,
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds,
+    )
+
+
+def run_stages(
+    params: Params, names: list[str], parent_run_id: str, retries: int = 0, delay: int = 0
+) -> dict[str, Metrics]:
+    """The named stages, in registry order, each a task nested under `parent_run_id`."""
+    logger = get_run_logger()
+    results: dict[str, Metrics] = {}
+    for stage in (s for s in STAGES if s.name in names):
+        logger.info("stage %s: %s", stage.name, stage.description)
+        results[stage.name] = stage_task(stage, retries, delay)(stage, params, parent_run_id)
+    return results
 
 
 @flow(name="ace", log_prints=True)
@@ -31,19 +49,12 @@ def ace(
     if variant is not None:
         overrides = {**(overrides or {}), "model.variant": variant}
     params = load_params(params_file, overrides)
-    logger = get_run_logger()
-    selected = [s for s in STAGES if stages is None or s.name in stages]
     unknown = set(stages or []) - {s.name for s in STAGES}
     if unknown:
         raise ValueError(f"unknown stages: {sorted(unknown)}")
+    selected = [s.name for s in STAGES if stages is None or s.name in stages]
     tracking.use_experiment(params.tracking.experiment)
-    results: dict[str, Metrics] = {}
     with mlflow.start_run(run_name="pipeline") as parent:
         mlflow.set_tags({**tracking.lineage_tags(), "stage": "pipeline"})
-        mlflow.log_params(
-            {"stages": ",".join(s.name for s in selected), "params_file": params_file}
-        )
-        for stage in selected:
-            logger.info("stage %s: %s", stage.name, stage.description)
-            results[stage.name] = _stage_task(stage)(stage, params, parent.info.run_id)
-    return results
+        mlflow.log_params({"stages": ",".join(selected), "params_file": params_file})
+        return run_stages(params, selected, parent.info.run_id)

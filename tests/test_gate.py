@@ -23,10 +23,11 @@ from components.distill import distill
 from components.evaluate import evaluate_retriever
 from components.features import build_features
 from components.finetune import finetune
-from components.gate import CHALLENGER, CHAMPION, PREVIOUS, check, gate
+from components.gate import CHALLENGER, CHAMPION, PREVIOUS, check, evaluate_served, gate
 from components.index import build as build_index
 from components.pretrain import pretrain
-from components.serving import validate_request
+from components.retrieval import split_days
+from components.serving import Retriever, validate_request
 from tests.conftest import ROOT, TINY_OVERRIDES
 
 BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
@@ -130,6 +131,25 @@ def test_gate_promotes_the_first_and_better_models_and_never_a_failing_one(
     again = _run_gate(_params(world, tiny_world))
     assert again["champion_reevaluated"]
     assert 0 <= again["champion"]["recall_at_100"] <= 1 and 0 <= again["champion"]["gauc"] <= 1
+
+
+def test_a_served_model_is_charged_for_clicks_on_products_its_index_lacks(
+    world: Path, tiny_world: Path
+):
+    params = _params(world, tiny_world)
+    retriever = Retriever(world / "distill" / "student", world / "index", 12)
+    impressions = pd.read_parquet(world / "validate" / "impressions.parquet")
+    _, test = split_days(impressions, params.split.test_days)
+    known = evaluate_served(retriever, test)
+    assert known["clicks_on_products_not_indexed"] == 0
+    clicked = test.loc[test["clicked"] == 1, "product_id"].unique()
+    renamed = test.assign(  # half the clicked products are new to the index
+        product_id=test["product_id"].where(~test["product_id"].isin(clicked[::2]), "p_new")
+    )
+    charged = evaluate_served(retriever, renamed)
+    assert charged["clicks_on_products_not_indexed"] > 0.2
+    assert charged["recall_at_100"] < known["recall_at_100"]
+    assert charged["gauc"] < known["gauc"]
 
 
 def test_served_model_answers_and_refuses_bad_requests(world: Path, tiny_world: Path):

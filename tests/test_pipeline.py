@@ -164,13 +164,6 @@ def test_flow_takes_the_variant_as_a_parameter():
         ace.fn(params_file=str(ROOT / "params.yaml"), variant="nobert")
 
 
-def test_deployment_full_is_offered():
-    from flows.serve import deployments
-
-    assert [d.name for d in deployments()] == ["full"]
-    assert deployments()[0].flow_name == "ace"
-
-
 def test_cli_help_lists_every_command():
     result = subprocess.run(
         [BIN / "ace", "--help"], capture_output=True, text=True, env=_env(), check=True

@@ -18,10 +18,11 @@ from components.world.catalog import TITLE_STATES, Catalog, sample_catalog
 from components.world.clicks import DayLog, build_pools, simulate_day
 from components.world.images import ImageTruth, draw_images
 from components.world.text import QuerySet, Title, make_queries, make_titles
-from components.world.vocab import COLOURS, PATTERNS
+from components.world.vocab import COLOURS, PATTERNS, Category
 
 # Bump whenever the same config would produce different bytes.
 GENERATOR_VERSION = "1.0.0"
+QUERIES = "queries.parquet"  # truth/: every query with what it names and its popularity
 
 
 @dataclass(frozen=True)
@@ -52,25 +53,18 @@ def _write(columns: dict[str, pa.Array | list | np.ndarray], path: Path) -> None
     pq.write_table(pa.table(columns), path)
 
 
-def _write_products(catalog: Catalog, titles: list[Title], out_dir: Path) -> None:
-    _write(
-        {
-            "product_id": pa.array(catalog.product_ids, pa.string()),
-            "title": pa.array([t.text for t in titles], pa.string()),
-            "category": pa.array(
-                [catalog.categories[c].name for c in catalog.category], pa.string()
-            ),
-            "image_path": pa.array(
-                [f"{IMAGES_DIR}/{p}.jpg" for p in catalog.product_ids], pa.string()
-            ),
-        },
-        out_dir / f"{PRODUCTS}.parquet",
-    )
+def product_columns(catalog: Catalog, titles: list[Title]) -> dict[str, pa.Array]:
+    return {
+        "product_id": pa.array(catalog.product_ids, pa.string()),
+        "title": pa.array([t.text for t in titles], pa.string()),
+        "category": pa.array([catalog.categories[c].name for c in catalog.category], pa.string()),
+        "image_path": pa.array([f"{IMAGES_DIR}/{p}.jpg" for p in catalog.product_ids], pa.string()),
+    }
 
 
-def _write_impressions(
-    logs: list[DayLog], catalog: Catalog, queries: QuerySet, out_dir: Path
-) -> None:
+def impression_columns(
+    logs: list[DayLog], catalog: Catalog, queries: QuerySet
+) -> dict[str, pa.Array | np.ndarray]:
     ids = np.asarray(catalog.product_ids, dtype=object)
     texts = np.asarray(queries.text, dtype=object)
     n = logs[0].product.shape[1]
@@ -83,26 +77,20 @@ def _write_impressions(
         position.append(np.tile(np.arange(1, n + 1, dtype=np.int64), searches))
         clicked.append(log.clicked.ravel().astype(np.int64))
         day.append(np.full(searches * n, log.day, dtype=np.int64))
-    _write(
-        {
-            "search_id": pa.array(np.concatenate(sid), pa.string()),
-            "query": pa.array(np.concatenate(query), pa.string()),
-            "product_id": pa.array(np.concatenate(product), pa.string()),
-            "position": np.concatenate(position),
-            "clicked": np.concatenate(clicked),
-            "day": np.concatenate(day),
-        },
-        out_dir / f"{IMPRESSIONS}.parquet",
-    )
+    return {
+        "search_id": pa.array(np.concatenate(sid), pa.string()),
+        "query": pa.array(np.concatenate(query), pa.string()),
+        "product_id": pa.array(np.concatenate(product), pa.string()),
+        "position": np.concatenate(position),
+        "clicked": np.concatenate(clicked),
+        "day": np.concatenate(day),
+    }
 
 
-def _write_truth(
-    catalog: Catalog,
-    titles: list[Title],
-    images: list[ImageTruth],
-    queries: QuerySet,
-    out_dir: Path,
-) -> None:
+def truth_product_columns(
+    catalog: Catalog, titles: list[Title], images: list[ImageTruth]
+) -> dict[str, pa.Array | list | np.ndarray]:
+    """Hidden truth per product: true attributes, what the title claims, where things are drawn."""
     boxes = np.array([t.bbox for t in images], dtype=np.int64).reshape(-1, 4)
     dboxes = [t.distractor_box or (None,) * 4 for t in images]
     product_cols: dict[str, pa.Array | list | np.ndarray] = {
@@ -121,28 +109,31 @@ def _write_truth(
     product_cols["distractor"] = pa.array([t.distractor for t in images], pa.string())
     for k, name in enumerate(("distractor_x0", "distractor_y0", "distractor_x1", "distractor_y1")):
         product_cols[name] = pa.array([b[k] for b in dboxes], pa.int64())
-    _write(product_cols, out_dir / TRUTH_DIR / f"{PRODUCTS}.parquet")
+    return product_cols
+
+
+def truth_query_columns(
+    queries: QuerySet, categories: tuple[Category, ...]
+) -> dict[str, pa.Array | list | np.ndarray]:
+    """Hidden truth per query: what it names, its noise, and its share of the searches."""
 
     def named(idx: np.ndarray, names: list[str]) -> pa.Array:
         return pa.array([names[i] if i >= 0 else None for i in idx], pa.string())
 
-    _write(
-        {
-            "query": pa.array(queries.text, pa.string()),
-            "category": named(queries.category, [c.name for c in catalog.categories]),
-            "color": named(queries.colour, [c.name for c in COLOURS]),
-            "pattern": named(queries.pattern, [p.name for p in PATTERNS]),
-            "modifier": pa.array(queries.modifier, pa.string()),
-            "canonical": pa.array(queries.canonical, pa.string()),
-            "popularity_rank": np.arange(1, len(queries) + 1, dtype=np.int64),
-            "popularity": queries.popularity,
-            "n_words": np.array([len(q.split()) for q in queries.text], dtype=np.int64),
-            "synonym": queries.synonym,
-            "typo": queries.typo,
-            "shuffled": queries.shuffled,
-        },
-        out_dir / TRUTH_DIR / "queries.parquet",
-    )
+    return {
+        "query": pa.array(queries.text, pa.string()),
+        "category": named(queries.category, [c.name for c in categories]),
+        "color": named(queries.colour, [c.name for c in COLOURS]),
+        "pattern": named(queries.pattern, [p.name for p in PATTERNS]),
+        "modifier": pa.array(queries.modifier, pa.string()),
+        "canonical": pa.array(queries.canonical, pa.string()),
+        "popularity_rank": np.arange(1, len(queries) + 1, dtype=np.int64),
+        "popularity": queries.popularity,
+        "n_words": np.array([len(q.split()) for q in queries.text], dtype=np.int64),
+        "synonym": queries.synonym,
+        "typo": queries.typo,
+        "shuffled": queries.shuffled,
+    }
 
 
 def _remove_stale_images(images_dir: Path, keep: set[str]) -> None:
@@ -190,9 +181,13 @@ def generate_world(cfg: SynthConfig, out_dir: Path, progress: bool = True) -> Wo
     ]
     click_seconds = time.perf_counter() - t_clicks
 
-    _write_products(catalog, titles, out_dir)
-    _write_impressions(logs, catalog, queries, out_dir)
-    _write_truth(catalog, titles, image_truth, queries, out_dir)
+    _write(product_columns(catalog, titles), out_dir / f"{PRODUCTS}.parquet")
+    _write(impression_columns(logs, catalog, queries), out_dir / f"{IMPRESSIONS}.parquet")
+    truth_products = truth_product_columns(catalog, titles, image_truth)
+    _write(truth_products, out_dir / TRUTH_DIR / f"{PRODUCTS}.parquet")
+    _write(
+        truth_query_columns(queries, catalog.categories), out_dir / TRUTH_DIR / "queries.parquet"
+    )
 
     test_day_indices = tuple(days[-cfg.size.test_days :])
     n_searches = sum(len(log.query) for log in logs)

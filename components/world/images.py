@@ -373,13 +373,15 @@ def _draw_chunk(chunk: _Chunk) -> list[ImageTruth]:
     return truths
 
 
-def _chunks(settings: RenderSettings, catalog: Catalog, paths: list[Path]) -> Iterator[_Chunk]:
+def _chunks(
+    settings: RenderSettings, catalog: Catalog, paths: list[Path], first_index: int
+) -> Iterator[_Chunk]:
     for start in range(0, len(catalog), _CHUNK):
         sl = slice(start, start + _CHUNK)
         cats = [catalog.categories[c] for c in catalog.category[sl]]
         yield _Chunk(
             settings,
-            np.arange(start, min(start + _CHUNK, len(catalog))),
+            first_index + np.arange(start, min(start + _CHUNK, len(catalog))),
             tuple(c.name for c in cats),
             tuple(c.aspect for c in cats),
             catalog.colour[sl],
@@ -395,11 +397,18 @@ def _context() -> BaseContext:
 
 
 def draw_images(
-    cfg: SynthConfig, catalog: Catalog, paths: list[Path], progress: bool = True
+    cfg: SynthConfig,
+    catalog: Catalog,
+    paths: list[Path],
+    progress: bool = True,
+    first_index: int = 0,
 ) -> list[ImageTruth]:
-    """Draw and write every product's JPEG to `paths` using `cfg.workers` processes."""
+    """Draw and write every product's JPEG to `paths` using `cfg.workers` processes.
+
+    Product i is drawn from the stream of index `first_index + i`: products appended to a world
+    later pass the catalogue size so far, and never repeat an earlier product's stream."""
     settings = RenderSettings.from_config(cfg)
-    chunks = _chunks(settings, catalog, paths)
+    chunks = _chunks(settings, catalog, paths, first_index)
     truths: list[ImageTruth] = []
     pool = nullcontext() if cfg.workers == 1 else _context().Pool(cfg.workers)
     bar = tqdm(total=len(catalog), desc="drawing images", unit="img", disable=not progress)

@@ -20,6 +20,7 @@ class Purpose(IntEnum):
     IMAGE = 3
     QUERY = 4
     CLICKS = 5
+    DRIFT = 6  # what an appended stretch of days changes
 
 
 def rng_for(seed: int, purpose: Purpose, index: int = 0) -> np.random.Generator:
