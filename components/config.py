@@ -165,9 +165,11 @@ class ModelConfig(_Section):
 
 
 class SplitConfig(_Section):
-    """The last `test_days` days of the click log are the test period; nothing from them trains."""
+    """The last `test_days` days of the click log are the test period; nothing from them trains.
+    The `train_days` before them are the training window (0: every earlier day)."""
 
     test_days: int = Field(default=1, ge=1)
+    train_days: int = Field(default=7, ge=0)
 
 
 class LossWeights(_Section):

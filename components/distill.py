@@ -94,7 +94,7 @@ def distill(params: Params, out_dir: Path, progress: bool = True) -> dict[str, f
 
     products = pd.read_parquet(artifacts / "validate" / "products.parquet")
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
-    train, test = split_days(impressions, params.split.test_days)
+    train, test = split_days(impressions, params.split.test_days, params.split.train_days)
     hot = json.loads((teacher_dir / HOT_QUERIES_FILE).read_text(encoding="utf-8"))
     store = FeatureStore(artifacts / "features")
     catalogue = Catalogue.build(

@@ -59,7 +59,7 @@ def evaluate_retriever(params: Params, out_dir: Path, progress: bool = True) -> 
     products = pd.read_parquet(artifacts / "validate" / "products.parquet")
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
     store = FeatureStore(artifacts / "features")
-    _, test = split_days(impressions, params.split.test_days)
+    _, test = split_days(impressions, params.split.test_days, params.split.train_days)
     catalogue = Catalogue.build(
         products, store, params.model, tokenizer, hot, params.finetune.max_product_text_len
     )

@@ -189,7 +189,7 @@ def finetune(
     products = pd.read_parquet(artifacts / "validate" / "products.parquet")
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
     store = FeatureStore(artifacts / "features")
-    train_days, _ = split_days(impressions, params.split.test_days)
+    train_days, _ = split_days(impressions, params.split.test_days, params.split.train_days)
     hot = hot_queries(train_days, cfg.hot_queries) if model_cfg.hot_queries else {}
 
     tokenizer = BertTokenizerFast.from_pretrained(pretrained)

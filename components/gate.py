@@ -119,7 +119,7 @@ def gate(params: Params, out_dir: Path) -> dict[str, float]:
         product_tower_dir=artifacts / "finetune" / "model",
     )
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
-    train, test = split_days(impressions, params.split.test_days)
+    train, test = split_days(impressions, params.split.test_days, params.split.train_days)
     client = MlflowClient()
     version = mlflow.register_model(info.model_uri, name).version
     for key, value in {

@@ -1,8 +1,8 @@
 """What the two towers read, shared by fine-tuning, evaluation and serving.
 
 - The click log splits by day: the last `test_days` days are the test period (the paper's "next
-  days"); everything a model learns from (click pairs, hot queries, vocabulary) comes from the
-  days before.
+  days"); everything a model learns from (click pairs, hot queries) comes from the `train_days`
+  days before (a sliding window, so a retrain follows the latest behaviour).
 - Hot queries (paper 3.2): for each product, the (at most) `k` queries with the most clicks on it
   in the training days; ties go to the alphabetically first query, so the list is deterministic.
 - The product side reads `[CLS] title [SEP] hot query 1 [SEP] hot query 2 ... [SEP]` (the hot
@@ -32,8 +32,11 @@ PRODUCT_EMBEDDINGS = "product_embeddings.npy"
 PRODUCT_IDS = "product_ids.json"  # the embeddings' row order
 
 
-def split_days(impressions: pd.DataFrame, test_days: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(training days, test days) of the click log."""
+def split_days(
+    impressions: pd.DataFrame, test_days: int, train_days: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training days, test days) of the click log: the last `test_days` days test, the
+    `train_days` before them train (0: every day before them)."""
     days = impressions["day"]
     first_test_day = int(days.max()) - test_days + 1
     if first_test_day <= int(days.min()):
@@ -41,7 +44,9 @@ def split_days(impressions: pd.DataFrame, test_days: int) -> tuple[pd.DataFrame,
             f"the click log spans {days.nunique()} days: too few for {test_days} test days "
             "and at least one training day"
         )
-    return impressions[days < first_test_day], impressions[days >= first_test_day]
+    first_train_day = first_test_day - train_days if train_days else int(days.min())
+    train = impressions[(days >= first_train_day) & (days < first_test_day)]
+    return train, impressions[days >= first_test_day]
 
 
 def hot_queries(train_impressions: pd.DataFrame, k: int) -> dict[str, list[str]]:

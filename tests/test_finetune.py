@@ -95,12 +95,16 @@ def test_hot_queries_come_from_training_days_only():
     assert hot_queries(train, k=10)["p1"] == ["red dress", "dress", "blue dress"]
     # The split is what keeps it out: counted over the whole log it would be first.
     assert hot_queries(impressions, 10)["p1"][0] == "leaked query"
+    # A training window of one day keeps only the day before the test period.
+    window, test_again = split_days(impressions, test_days=1, train_days=1)
+    assert set(window.day) == {1} and test_again.equals(test)
+    assert hot_queries(window, k=10) == {"p1": ["dress"]}
 
 
 def test_pipeline_hot_queries_never_contain_a_test_only_query(world: Path, tiny_world: Path):
     params = _params(world, tiny_world)
     impressions = pd.read_parquet(world / "validate" / "impressions.parquet")
-    train, test = split_days(impressions, params.split.test_days)
+    train, test = split_days(impressions, params.split.test_days, params.split.train_days)
     test_only = set(test["query"]) - set(train["query"])
     assert test_only, "the tiny world should have queries first searched on the test day"
     hot = hot_queries(train, params.finetune.hot_queries)
