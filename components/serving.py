@@ -146,6 +146,10 @@ class Retriever:
 class AceRetrieverModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper of `Retriever` (see the module doc for the request format)."""
 
+    # Requests are validated by `validate_request` against SIGNATURE, not by type hints (MLflow
+    # would otherwise warn on every import that predict has none).
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         self.artifacts: dict[str, str] = dict(context.artifacts)
         settings_file = Path(context.artifacts[SETTINGS_ARTIFACT]) / SETTINGS_FILE

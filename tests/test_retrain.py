@@ -181,3 +181,31 @@ def test_retrain_deployment_runs_on_the_schedule_in_params():
     assert len(schedules) == 1 and schedules[0].schedule.cron == cron
     assert offered["retrain"].concurrency_limit == 1
     assert not offered["full"].schedules
+
+
+def test_cli_appends_days_and_monitor_needs_a_champion(world: Path, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'cli.db'}",
+    }
+    data = ["--params", str(ROOT / "params.yaml"), "-S", f"paths.data_dir={world}"]
+    appended = subprocess.run(
+        [bin_dir / "ace", "data", "append", "--days", "1", "--drift", "clicks", "--no-dvc", *data],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert appended.returncode == 0, appended.stderr
+    assert "appended days 4-4 (drift: clicks)" in appended.stdout
+    assert pd.read_parquet(world / "impressions.parquet")["day"].max() == 4
+    monitored = subprocess.run(
+        [bin_dir / "ace", "monitor", *data], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert monitored.returncode == 1
+    assert monitored.stderr.strip().splitlines() == [
+        "error: no `champion` of registered model 'ace' to monitor: run the pipeline first"
+    ]
