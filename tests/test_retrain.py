@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -172,15 +173,39 @@ def test_retrain_takes_each_branch(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_retrain_deployment_runs_on_the_schedule_in_params():
+    """The deployment carries the cron from params, and a real Prefect server's scheduler turns
+    it into scheduled runs (it did not with SQLAlchemy 2.1: see pyproject.toml)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.server import models
+    from prefect.server.database import provide_database_interface
+    from prefect.testing.utilities import prefect_test_harness
+
     from flows.serve import deployments
 
     offered = {d.name: d for d in deployments(str(ROOT / "params.yaml"))}
     assert set(offered) == {"full", "retrain"} and offered["retrain"].flow_name == "ace"
-    cron = load_params(ROOT / "params.yaml").retrain.cron
+    cfg = load_params(ROOT / "params.yaml").retrain
     schedules = offered["retrain"].schedules
-    assert len(schedules) == 1 and schedules[0].schedule.cron == cron
+    assert len(schedules) == 1 and schedules[0].schedule.cron == cfg.cron
     assert offered["retrain"].concurrency_limit == 1
     assert not offered["full"].schedules
+
+    async def schedule() -> list:
+        deployment_id = await offered["retrain"].apply()
+        db = provide_database_interface()
+        async with db.session_context(begin_transaction=True) as session:
+            await models.deployments.schedule_runs(session, deployment_id=deployment_id)
+        async with get_client() as client:
+            return await client.read_flow_runs()
+
+    with prefect_test_harness():
+        runs = asyncio.run(schedule())
+    assert runs and {r.state_name for r in runs} == {"Scheduled"}
+    starts = sorted(r.expected_start_time for r in runs)
+    assert all(t.weekday() == 0 and (t.hour, t.minute) == (3, 0) for t in starts)  # Mon 03:00
+    assert all((b - a).days == 7 for a, b in itertools.pairwise(starts))
 
 
 def test_cli_appends_days_and_monitor_needs_a_champion(world: Path, tmp_path: Path):
