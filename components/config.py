@@ -270,6 +270,7 @@ class IndexConfig(_Section):
     nprobe: int = Field(default=16, ge=1)  # IVF cells searched
     pq_m: int = Field(default=16, ge=1)  # IVF-PQ sub-quantisers (must divide the embedding size)
     pq_bits: int = Field(default=8, ge=1, le=16)
+    refine_factor: int = Field(default=0, ge=0)  # IVF-PQ: re-rank this many x k exactly; 0 = off
     recall_k: int = Field(default=100, ge=1)  # ANN recall@k against exact search, reported
     hot_traffic_share: Share = 0.87  # cache the top queries covering this share of searches ...
     hot_max_queries: int = Field(default=100_000, ge=0)  # ... but at most this many

@@ -43,6 +43,10 @@ def test_index_types_against_exact_search(vectors: np.ndarray):
     assert few_cells < 1.0
     pq = ix.build_index(vectors, IndexConfig(type="ivfpq", nlist=20, nprobe=20, pq_m=8))
     assert 0.3 < _recall(pq, vectors) < 1.0  # compressed codes: approximate even over every cell
+    refined = ix.build_index(
+        vectors, IndexConfig(type="ivfpq", nlist=20, nprobe=20, pq_m=8, refine_factor=8)
+    )
+    assert _recall(refined, vectors) > max(0.95, _recall(pq, vectors))  # exact re-rank
     with pytest.raises(Exception, match="does not divide"):
         ix.build_index(vectors, IndexConfig(type="ivfpq", pq_m=5))
 
