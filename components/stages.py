@@ -70,14 +70,19 @@ def _validate(params: Params) -> Metrics:
     return report.metrics()
 
 
+def _log_training(name: str, out_dir: Path, model_dir: str, files: tuple[str, ...]) -> None:
+    """A training stage's model folder, history and curve, under the stage's name in MLflow."""
+    mlflow.log_artifacts(str(out_dir / model_dir), artifact_path=f"{name}/model")
+    for file in files:
+        mlflow.log_artifact(str(out_dir / file), artifact_path=name)
+
+
 def _pretrain(params: Params) -> Metrics:
     from components.pretrain import CURVE, HISTORY, MODEL_DIR, pretrain
 
     out_dir = stage_dir(params, "pretrain")
     metrics = pretrain(params, out_dir)
-    mlflow.log_artifacts(str(out_dir / MODEL_DIR), artifact_path="pretrain/model")
-    mlflow.log_artifact(str(out_dir / HISTORY), artifact_path="pretrain")
-    mlflow.log_artifact(str(out_dir / CURVE), artifact_path="pretrain")
+    _log_training("pretrain", out_dir, MODEL_DIR, (HISTORY, CURVE))
     return metrics
 
 
@@ -86,9 +91,7 @@ def _finetune(params: Params) -> Metrics:
 
     out_dir = stage_dir(params, "finetune")
     metrics = finetune(params, out_dir)
-    mlflow.log_artifacts(str(out_dir / MODEL_DIR), artifact_path="finetune/model")
-    mlflow.log_artifact(str(out_dir / HISTORY), artifact_path="finetune")
-    mlflow.log_artifact(str(out_dir / CURVE), artifact_path="finetune")
+    _log_training("finetune", out_dir, MODEL_DIR, (HISTORY, CURVE))
     return metrics
 
 

@@ -124,20 +124,23 @@ def _boost(popularity: np.ndarray, chosen: np.ndarray, factor: float) -> np.ndar
 
 
 def _new_catalog(
-    state: _State, categories: tuple[Category, ...], category: np.ndarray, rng: np.random.Generator
-) -> tuple[Catalog, np.ndarray, np.ndarray]:
-    """New products' ids and true attributes, after the existing ones (colour and pattern are
-    filled by the caller)."""
-    n_old, n_new = len(state.catalog), len(category)
+    state: _State,
+    categories: tuple[Category, ...],
+    category: np.ndarray,
+    rng: np.random.Generator,
+    first_index: int,
+) -> Catalog:
+    """New products numbered from `first_index`, with drawn colour, pattern and title state."""
+    n_new = len(category)
     synth = state.synth
     omit, misstate = synth.title_omit_share, synth.title_misstate_share
     states_p = np.clip([1 - omit - misstate, omit, misstate], 0, None)
     width_hint = synth.size.n_products  # keeps ids the same width as the world's first ones
-    ids = tuple(product_id(i, width_hint) for i in range(n_old, n_old + n_new))
+    ids = tuple(product_id(i, width_hint) for i in range(first_index, first_index + n_new))
     colour = rng.choice(len(COLOURS), size=n_new, p=frequencies(COLOURS))
     pattern = rng.choice(len(PATTERNS), size=n_new, p=frequencies(PATTERNS))
     title_state = rng.choice(3, size=n_new, p=states_p / states_p.sum())
-    return Catalog(ids, categories, category, colour, pattern, title_state), colour, pattern
+    return Catalog(ids, categories, category, colour, pattern, title_state)
 
 
 def _merge_catalog(old: Catalog, new: Catalog) -> Catalog:
@@ -212,7 +215,7 @@ def _drift(state: _State, cfg: AppendConfig, seed: int) -> tuple[_State, Catalog
         new_queries = _new_category_queries(state, cfg, category)
         categories = (*catalog.categories, category)
         codes = np.full(n_new, len(categories) - 1, dtype=np.int64)
-        added = _new_catalog(state, categories, codes, rng)[0]
+        added = _new_catalog(state, categories, codes, rng, len(state.catalog))
         share = cfg.new_query_share
         new_queries = replace(new_queries, popularity=new_queries.popularity * share)
         queries = _merge_queries(
@@ -231,22 +234,14 @@ def _drift(state: _State, cfg: AppendConfig, seed: int) -> tuple[_State, Catalog
         chosen = np.isin(queries.colour, palette) | (queries.pattern == season_pattern)
         queries = replace(queries, popularity=_boost(queries.popularity, chosen, cfg.season_boost))
         codes = rng.integers(0, len(catalog.categories), size=n_new)
-        seasonal, _, _ = _new_catalog(state, catalog.categories, codes, rng)
+        first = len(state.catalog) + (0 if added is None else len(added))
+        seasonal = _new_catalog(state, catalog.categories, codes, rng, first)
         seasonal = replace(
             seasonal,
             colour=rng.choice(palette, size=n_new),
             pattern=np.where(rng.random(n_new) < 0.5, season_pattern, seasonal.pattern),
         )
-        if added is not None:  # ids continue after the new category's products
-            offset = len(state.catalog) + len(added)
-            ids = tuple(
-                product_id(i, state.synth.size.n_products) for i in range(offset, offset + n_new)
-            )
-            added = _merge_catalog(
-                added, replace(seasonal, product_ids=ids, categories=added.categories)
-            )
-        else:
-            added = seasonal
+        added = seasonal if added is None else _merge_catalog(added, seasonal)
     if "query_mix" in cfg.drift:
         named = np.unique(queries.category[queries.category >= 0])
         k = min(cfg.query_mix_categories, len(named))
@@ -260,7 +255,6 @@ def _drift(state: _State, cfg: AppendConfig, seed: int) -> tuple[_State, Catalog
     if "clicks" in cfg.drift:
         behaviour = {"position_bias_power": cfg.position_bias_power, "click_noise": cfg.click_noise}
     if added is not None:
-        added = replace(added, categories=catalog.categories)
         catalog = _merge_catalog(catalog, added)
     return replace(state, catalog=catalog, queries=queries, behaviour=behaviour), added
 
