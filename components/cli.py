@@ -66,11 +66,12 @@ def data_synth(
         Path | None, typer.Option(help="Output folder (default: params paths.data_dir).")
     ] = None,
     params_file: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
 ) -> None:
     """Generate the synthetic shop world (catalog, images, click log, hidden truth)."""
     from components.world import generate_world
 
-    overrides: dict[str, object] = {}
+    overrides = _parse_overrides(set_)
     if scale is not None:
         overrides["synth.scale"] = scale
     if seed is not None:
@@ -140,10 +141,14 @@ def stage_run(
     set_: SetOption = None,
 ) -> None:
     """Run one stage as an MLflow run and write its outputs and metrics."""
+    from components import tracking
     from components.stages import get_stage, run_stage
 
     stage = get_stage(name)
-    metrics = run_stage(stage, _params(params_file, set_))
+    params = _params(params_file, set_)
+    # Under `dvc repro` / `dvc exp run`, the stages of one invocation share a parent run.
+    with tracking.dvc_parent_run(params.tracking.experiment, stage.name) as parent:
+        metrics = run_stage(stage, params, parent_run_id=parent)
     for key, value in metrics.items():
         typer.echo(f"{key}: {value:g}")
 
@@ -223,17 +228,23 @@ def pipeline_dvc_yaml(
 def features_show(
     product_id: Annotated[str, typer.Argument(help="The product to draw.")],
     out: Annotated[
-        Path | None, typer.Option(help="PNG to write (default: roi_<product_id>.png).")
+        Path | None,
+        typer.Option(help="PNG to write (default: <artifacts_dir>/show/roi_<product_id>.png)."),
     ] = None,
     params_file: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
 ) -> None:
     """Draw a product's image with its RoI and patch grid: what the model sees."""
     from components.features import show_product
 
-    params = load_params(params_file)
-    target = out or Path(f"roi_{product_id}.png")
+    params = _params(params_file, set_)
+    # Under the git-ignored artifacts folder unless asked: never litter the working directory.
+    target = out or params.paths.artifacts_dir / "show" / f"roi_{product_id}.png"
     show_product(product_id, params, target)
-    typer.echo(f"wrote {target}")
+    typer.echo(
+        f"wrote {target}: {product_id}'s image, its RoI (red) and "
+        f"{params.features.grid}x{params.features.grid} patch grid (yellow)"
+    )
 
 
 @flows_app.command("serve")
@@ -299,6 +310,25 @@ def compare_variants(
     typer.echo("wrote " + ", ".join(str(p) for p in written))
 
 
+@app.command("report")
+def report_command(
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the summary to this markdown file.")
+    ] = None,
+    params_file: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """The last run in short: test figures against the baselines, the gate, the champion."""
+    from components.report import render
+
+    text = render(_params(params_file, set_))
+    typer.echo(text, nl=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {out}")
+
+
 def _command_index() -> str:
     """Every leaf command with its one-line help, so `ace --help` lists them all."""
     lines = []
@@ -319,6 +349,11 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # The in-process Prefect server would try to send usage telemetry: there is no route out.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Progress bars for steps of a second: transformers draws "Writing model shards" for every
+    # save of a one-file model and MLflow "Downloading artifacts" for every model it loads
+    # (46 bars in `make demo`). The stages' own bars and progress lines stay.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         app()

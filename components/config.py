@@ -21,6 +21,17 @@ class PathsConfig(_Section):
     data_dir: Path = Path("data")
     artifacts_dir: Path = Path("artifacts")
 
+    # The small files git keeps, so DVC can compare experiments (`dvc exp show`, `dvc metrics
+    # diff`, `dvc plots diff`): beside artifacts_dir, never inside it (git ignores artifacts/).
+    # Derived rather than set, so a run pointed at another artifacts_dir never writes here.
+    @property
+    def metrics_dir(self) -> Path:
+        return self.artifacts_dir.parent / "metrics"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.artifacts_dir.parent / "plots"
+
 
 class ScaleConfig(_Section):
     n_products: int = Field(gt=0)

@@ -25,6 +25,7 @@ from components.bm25 import Bm25Retriever
 from components.config import Params
 from components.features import FeatureStore
 from components.index import build_index
+from components.plot_data import RECALL, write_recall_curves
 from components.retrieval import (
     HOT_QUERIES_FILE,
     PRODUCT_EMBEDDINGS,
@@ -103,9 +104,7 @@ def evaluate_retriever(params: Params, out_dir: Path, progress: bool = True) -> 
             if key != "n_queries":
                 metrics[metric_name(f"{prefix}{key}")] = value
         if prefix != "exact_":
-            curves[prefix or f"model ({params.index.type} index)"] = recall_curve(
-                top, relevant, max_k
-            )
+            curves[prefix] = recall_curve(top, relevant, max_k)
         metrics["recall_queries"] = float(ranking["n_queries"])
     metrics["test_rows"] = float(len(kept))
     metrics["test_rows_without_image"] = float(len(test) - len(kept))
@@ -115,7 +114,9 @@ def evaluate_retriever(params: Params, out_dir: Path, progress: bool = True) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / PRODUCT_EMBEDDINGS, product_emb)
     (out_dir / PRODUCT_IDS).write_text(json.dumps(catalogue.product_ids) + "\n", encoding="utf-8")
-    plot_recall_curves(curves, params.model.variant, out_dir / RECALL_CURVE)
+    legend = {prefix or f"model ({params.index.type} index)": c for prefix, c in curves.items()}
+    plot_recall_curves(legend, params.model.variant, out_dir / RECALL_CURVE)
+    write_recall_curves(curves, params.paths.plots_dir / RECALL)  # for `dvc plots`
     query_categories = _query_categories(kept, catalogue)
     plot_embedding_map(
         query_emb,

@@ -96,6 +96,10 @@ class CeBertPreTrainedModel(BertPreTrainedModel):
 class CeBertModel(CeBertPreTrainedModel):
     """The multimodal encoder: returns BERT's outputs over the joint sequence."""
 
+    # Fine-tuning loads the encoder from a pre-training checkpoint and leaves its MLM, MPM and TIP
+    # heads behind on purpose: no LOAD REPORT of them every time (other keys still get one).
+    _keys_to_ignore_on_load_unexpected = (r"^(mlm_|mpm_head\.|tip_)",)
+
     def __init__(self, config: CeBertConfig) -> None:
         super().__init__(config)
         self.bert = BertModel(config, add_pooling_layer=True)

@@ -16,11 +16,31 @@ import mlflow
 import pandas as pd
 import yaml
 
-from components import contract, tracking
+from components import contract, plot_data, report, tracking
 from components.config import Params
 from components.errors import AceError
 
 Metrics = dict[str, float]
+
+
+@dataclass(frozen=True)
+class PlotData:
+    """A file or folder of CSVs a stage writes under `paths.plots_dir` for DVC."""
+
+    path: str
+    # Set: DVC draws every CSV in it as a chart of its own against this column. None: only the
+    # charts in CHARTS draw it.
+    x: str | None = None
+
+
+# The model-against-baselines table evaluate writes, and the charts DVC draws from it.
+COMPARISON = "models.csv"
+CHARTS = {
+    "GAUC by model": "gauc",
+    "Recall@10 by model": "recall_at_10",
+    "Recall@100 by model": "recall_at_100",
+    "Recall@100 on the image slice, by model": "image_recall_at_100",
+}
 
 
 @dataclass(frozen=True)
@@ -34,10 +54,12 @@ class Stage:
     description: str
     # Outputs DVC keeps in place across runs: the stage reuses what is still valid in them.
     persist: bool = False
+    plots: tuple[PlotData, ...] = ()
 
     def metrics_file(self, params: Params) -> Path:
-        # Outside the stage's output folder: DVC forbids a metrics file inside a tracked out.
-        return params.paths.artifacts_dir / "metrics" / f"{self.name}.json"
+        # In git, not under artifacts/: `dvc exp show` and `dvc metrics diff` read every
+        # experiment's metrics from its commit.
+        return params.paths.metrics_dir / f"{self.name}.json"
 
 
 def stage_dir(params: Params, name: str) -> Path:
@@ -77,12 +99,18 @@ def _log_training(name: str, out_dir: Path, model_dir: str, files: tuple[str, ..
         mlflow.log_artifact(str(out_dir / file), artifact_path=name)
 
 
+def _training_curves(params: Params, name: str, out_dir: Path, history_file: str) -> None:
+    history = json.loads((out_dir / history_file).read_text(encoding="utf-8"))
+    plot_data.write_training_curves(history, params.paths.plots_dir / name)
+
+
 def _pretrain(params: Params) -> Metrics:
     from components.pretrain import CURVE, HISTORY, MODEL_DIR, pretrain
 
     out_dir = stage_dir(params, "pretrain")
     metrics = pretrain(params, out_dir)
     _log_training("pretrain", out_dir, MODEL_DIR, (HISTORY, CURVE))
+    _training_curves(params, "pretrain", out_dir, HISTORY)
     return metrics
 
 
@@ -92,6 +120,7 @@ def _finetune(params: Params) -> Metrics:
     out_dir = stage_dir(params, "finetune")
     metrics = finetune(params, out_dir)
     _log_training("finetune", out_dir, MODEL_DIR, (HISTORY, CURVE))
+    _training_curves(params, "finetune", out_dir, HISTORY)
     return metrics
 
 
@@ -103,6 +132,8 @@ def _evaluate(params: Params) -> Metrics:
     for name in (METRICS_FILE, RECALL_CURVE, EMBEDDING_MAP):
         if (out_dir / name).exists():
             mlflow.log_artifact(str(out_dir / name), artifact_path="evaluate")
+    rows = report.comparison_rows(metrics, params.model.variant)
+    plot_data.write_table(rows, report.COMPARISON_COLUMNS, params.paths.plots_dir / COMPARISON)
     return metrics
 
 
@@ -166,6 +197,7 @@ STAGES: tuple[Stage, ...] = (
         deps=lambda p: [stage_dir(p, "validate"), stage_dir(p, "features")],
         outs=lambda p: [stage_dir(p, "pretrain")],
         description="CE-BERT pre-training: MLM + masked patch KL + text-image prediction.",
+        plots=(PlotData("pretrain", x="step"),),
     ),
     Stage(
         name="finetune",
@@ -180,6 +212,7 @@ STAGES: tuple[Stage, ...] = (
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "pretrain")],
         outs=lambda p: [stage_dir(p, "finetune")],
         description="ACE-BERT fine-tuning: two towers, in-batch softmax, mixed negatives.",
+        plots=(PlotData("finetune", x="step"),),
     ),
     Stage(
         name="evaluate",
@@ -195,6 +228,7 @@ STAGES: tuple[Stage, ...] = (
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune")],
         outs=lambda p: [stage_dir(p, "evaluate")],
         description="GAUC, Recall@K (through the ANN index and exact), MRR, nDCG@10; vs BM25.",
+        plots=(PlotData(plot_data.RECALL, x="k"), PlotData(COMPARISON)),
     ),
     Stage(
         name="distill",
@@ -255,18 +289,48 @@ def run_stage(stage: Stage, params: Params, parent_run_id: str | None = None) ->
 
 
 def render_dvc_yaml(params: Params) -> str:
-    """dvc.yaml as the registry declares it: every stage runs through the same `ace stage run`."""
+    """dvc.yaml as the registry declares it: every stage runs through the same `ace stage run`.
+
+    Metrics and plot data are `cache: false` outputs: git keeps them, so every experiment's
+    commit holds its own. CHARTS are top-level plots over the model comparison.
+    """
+    plots_dir = params.paths.plots_dir
     stages = {}
     for stage in STAGES:
-        stages[stage.name] = {
+        outs: list[object] = [
+            {str(path): {"persist": True}} if stage.persist else str(path)
+            for path in stage.outs(params)
+        ]
+        outs += [
+            {str(plots_dir / plot.path): {"cache": False}} for plot in stage.plots if not plot.x
+        ]
+        entry = {
             "cmd": f"ace stage run {stage.name}",
             "deps": [*stage.code, *(str(path) for path in stage.deps(params))],
             "params": list(stage.params),
-            "outs": [
-                {str(path): {"persist": True}} if stage.persist else str(path)
-                for path in stage.outs(params)
-            ],
+            "outs": outs,
             "metrics": [{str(stage.metrics_file(params)): {"cache": False}}],
         }
+        charts = [
+            {str(plots_dir / plot.path): {"cache": False, "x": plot.x}}
+            for plot in stage.plots
+            if plot.x
+        ]
+        if charts:
+            entry["plots"] = charts
+        stages[stage.name] = entry
+    comparison = str(plots_dir / COMPARISON)
+    charts = [
+        {
+            title: {
+                "template": "bar_horizontal",
+                "x": metric,
+                "y": {comparison: "model"},
+                "x_label": metric,
+                "y_label": "model",
+            }
+        }
+        for title, metric in CHARTS.items()
+    ]
     header = "# Rendered from components/stages.py by `ace pipeline dvc-yaml`; edit the registry.\n"
-    return header + yaml.safe_dump({"stages": stages}, sort_keys=False)
+    return header + yaml.safe_dump({"stages": stages, "plots": charts}, sort_keys=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -173,29 +174,34 @@ def test_store_requires_a_manifest(tmp_path: Path):
         FeatureStore(tmp_path)
 
 
-def test_features_show_draws_the_roi(tiny_params: Params, tiny_world: Path, tmp_path: Path):
+def test_features_show_draws_the_roi_and_says_where(tiny_params: Params, tiny_world: Path):
     from components.stages import get_stage, run_stage
 
     run_stage(get_stage("validate"), tiny_params)
-    out = tmp_path / "show.png"
     product_id = pd.read_parquet(tiny_world / "products.parquet").product_id.iloc[0]
+    cwd = tiny_params.paths.artifacts_dir.parent
+    before = set(cwd.iterdir())
+    env = {"PATH": str(Path(sys.executable).parent), "MLFLOW_LOGGING_LEVEL": "WARNING"}
+    if "PYTHONPATH" in os.environ:  # a worktree's own code, not the installed checkout's
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     result = subprocess.run(
         [
             Path(sys.executable).parent / "ace",
             "features",
             "show",
             product_id,
-            "--out",
-            str(out),
             "--params",
             str(ROOT / "params.yaml"),
         ],
         capture_output=True,
         text=True,
-        cwd=tiny_params.paths.artifacts_dir.parent,
-        env={"PATH": str(Path(sys.executable).parent), "MLFLOW_LOGGING_LEVEL": "WARNING"},
+        cwd=cwd,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
-    drawn = cv2.imread(str(out))
+    out = Path("artifacts") / "show" / f"roi_{product_id}.png"
+    assert result.stdout.startswith(f"wrote {out}: ")
+    assert set(cwd.iterdir()) == before  # nothing new beside data/ and artifacts/
+    drawn = cv2.imread(str(cwd / out))
     red = (drawn[:, :, 2] > 200) & (drawn[:, :, 0] < 40) & (drawn[:, :, 1] < 40)
     assert red.sum() > 50  # the RoI rectangle
