@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -46,6 +47,9 @@ FAILED = "failed.parquet"
 PIXELS = "pixels.npy"
 SAMPLES = "samples.png"
 _CHUNK = 64  # products per CNN round trip
+_REPORTS = 10  # progress lines per run
+
+log = logging.getLogger(__name__)
 
 
 def patches_file(variant: str) -> str:
@@ -202,6 +206,7 @@ def build_features(
         ids = products.product_id.astype(str).tolist()
         paths = [data_dir / p for p in products.image_path.astype(str)]
         bar = tqdm(total=n, desc="features", unit="img", disable=not progress)
+        report_every, done = max(1, n // _REPORTS), 0
         with ThreadPoolExecutor(cfg.read_workers) as pool:
             for rows in _chunks(list(range(n)), _CHUNK):
                 loaded = list(pool.map(_read, [paths[r] for r in rows]))
@@ -239,6 +244,17 @@ def build_features(
                     fp16_error = max(fp16_error, error)
                     computed += len(rgbs)
                 bar.update(len(rows))
+                done += len(rows)
+                if done // report_every > (done - len(rows)) // report_every or done == n:
+                    log.info(
+                        "features: %d/%d images (%d computed, %d reused, %d failed), %.1f img/s",
+                        done,
+                        n,
+                        computed,
+                        reused,
+                        len(failures),
+                        done / (time.perf_counter() - start),
+                    )
         bar.close()
 
         keep = np.flatnonzero(ok)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ from components.retrieval import (
     split_days,
 )
 from components.retrieval_metrics import exact_top_k
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "products.faiss"
 IDS_FILE = "product_ids.json"
@@ -103,9 +106,11 @@ def build(params: Params, out_dir: Path, progress: bool = True) -> dict[str, flo
     if len(product_ids) != len(vectors):
         raise DataError(f"{embeddings_file}: {len(vectors)} rows for {len(product_ids)} products")
 
+    log.info("index: building a %s index over %d products", cfg.type, len(vectors))
     built = time.perf_counter()
     index = build_index(vectors, cfg)
     build_seconds = time.perf_counter() - built
+    log.info("index: built in %.1f s; embedding the hot queries", build_seconds)
 
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
     train, test = split_days(impressions, params.split.test_days, params.split.train_days)
@@ -124,6 +129,13 @@ def build(params: Params, out_dir: Path, progress: bool = True) -> dict[str, flo
     exact = exact_top_k(query_emb, vectors, k)[1]
     approximate = index.search(np.ascontiguousarray(query_emb), k)[1]
     overlap = [len(set(a) & set(e)) / k for a, e in zip(approximate, exact, strict=True)]
+    log.info(
+        "index: %d hot queries cached (%.0f%% of test searches); ANN recall@%d vs exact %.3f",
+        len(hot),
+        100 * served,
+        k,
+        float(np.mean(overlap)) if overlap else 0.0,
+    )
 
     manifest = {
         "type": cfg.type,

@@ -59,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -79,6 +80,8 @@ import pyarrow.parquet as pq
 from components import contract
 from components.config import ValidateConfig
 from components.errors import DataError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from great_expectations.core import (
@@ -175,9 +178,17 @@ def validate_data(data_dir: Path, out_dir: Path, cfg: ValidateConfig) -> Validat
         ),
     ]
 
+    log.info(
+        "validate: read %d products (%s), %d impressions (%s); checking every image",
+        len(raw_products),
+        products_path,
+        len(raw_impressions),
+        impressions_path,
+    )
     image_started = time.perf_counter()
     products_view = _product_view(raw_products, data_dir)
     image_seconds = time.perf_counter() - image_started
+    log.info("validate: %d images checked in %.1f s", len(products_view), image_seconds)
     products = _judge(
         context, contract.PRODUCTS, products_path, products_view, _product_checks(cfg), "product_id"
     )
@@ -206,6 +217,13 @@ def validate_data(data_dir: Path, out_dir: Path, cfg: ValidateConfig) -> Validat
             for reason, n in v.quarantine["reason"].value_counts().items()
         },
         seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "validate: products %d kept, %d quarantined; impressions %d kept, %d quarantined",
+        report.products_kept,
+        report.products_quarantined,
+        report.impressions_kept,
+        report.impressions_quarantined,
     )
     failures = [
         v.threshold_failure(cfg.max_quarantine_share)

@@ -1,4 +1,8 @@
-"""The Prefect flow `ace`: every registered stage, in order, as a task; one MLflow parent run."""
+"""The Prefect flow `ace`: every registered stage, in order, as a task; one MLflow parent run.
+
+Each task's log carries its stage's progress lines, and its metrics are published as artifacts
+(flows/publish.py); a run that reaches the gate ends with the `ace report` summary.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,21 @@ from prefect.cache_policies import NO_CACHE
 from components import tracking
 from components.config import Params, load_params
 from components.stages import STAGES, Metrics, Stage, run_stage
+from flows.publish import component_logs, publish_report, publish_stage
+
+
+def run_and_publish(stage: Stage, params: Params, parent_run_id: str | None = None) -> Metrics:
+    """One stage as an MLflow run, its figures published as the task's artifacts."""
+    metrics = run_stage(stage, params, parent_run_id)
+    publish_stage(stage, params, metrics)
+    return metrics
 
 
 def stage_task(stage: Stage, retries: int = 0, retry_delay_seconds: int = 0) -> Task:
     # NO_CACHE: stage inputs are files on disk, which Prefect's input hashing cannot see;
     # skipping unchanged work is DVC's job.
     return task(
-        run_stage,
+        run_and_publish,
         name=stage.name,
         cache_policy=NO_CACHE,
         retries=retries,
@@ -54,7 +66,10 @@ def ace(
         raise ValueError(f"unknown stages: {sorted(unknown)}")
     selected = [s.name for s in STAGES if stages is None or s.name in stages]
     tracking.use_experiment(params.tracking.experiment)
-    with mlflow.start_run(run_name="pipeline") as parent:
+    with component_logs(), mlflow.start_run(run_name="pipeline") as parent:
         mlflow.set_tags({**tracking.lineage_tags(), "stage": "pipeline"})
         mlflow.log_params({"stages": ",".join(selected), "params_file": params_file})
-        return run_stages(params, selected, parent.info.run_id)
+        results = run_stages(params, selected, parent.info.run_id)
+        if "gate" in results:
+            publish_report(params)
+        return results

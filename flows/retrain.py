@@ -12,6 +12,7 @@ from typing import Any
 
 import mlflow
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from components import tracking
@@ -25,6 +26,7 @@ from components.monitor import (
 )
 from components.stages import STAGES
 from flows.ace import run_stages
+from flows.publish import component_logs, publish_report
 
 INPUT_STAGES = ["validate", "features"]  # the monitor needs the new data validated and embedded
 
@@ -41,7 +43,7 @@ def retrain(
     cfg = params.retrain
     logger = get_run_logger()
     tracking.use_experiment(params.tracking.experiment)
-    with mlflow.start_run(run_name="retrain") as parent:
+    with component_logs(), mlflow.start_run(run_name="retrain") as parent:
         mlflow.set_tags({**tracking.lineage_tags(), "stage": "retrain", "forced": str(force)})
         parent_id = parent.info.run_id
         results: dict[str, Any] = run_stages(
@@ -78,10 +80,16 @@ def retrain(
         passed = bool(results["gate"]["passed"])
         outcome = f"version {version} {'promoted to champion' if passed else 'refused by the gate'}"
         mlflow.set_tags({"model_version": version, "gate": "passed" if passed else "failed"})
+        publish_report(params)
         return _finish(results, "promoted" if passed else "refused", outcome, logger)
 
 
 def _finish(results: dict[str, Any], decision: str, outcome: str, logger: Any) -> dict[str, Any]:
     logger.info("retrain: %s", outcome)
     mlflow.set_tags({"decision": decision})
+    create_markdown_artifact(
+        key="retrain-decision",
+        markdown=f"**{decision}**: {outcome}",
+        description="What the retrain run decided.",
+    )
     return {**results, "decision": decision, "outcome": outcome}
