@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from components import tracking
 from components.config import ConfigError, Params, load_params
-from components.stages import STAGES, get_stage, render_dvc_yaml, run_stage
+from components.stages import CHARTS, STAGES, get_stage, render_dvc_yaml, run_stage
 from tests.conftest import ROOT, TINY_OVERRIDES
 
 BIN = Path(sys.executable).parent
@@ -75,7 +76,7 @@ def test_data_version_reads_data_dvc(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_every_stage_then_nothing(
+def test_dvc_repro_runs_every_stage_then_nothing_and_compares_experiments(
     tmp_path: Path, tiny_world: Path, mlflow_store: str
 ):
     work = tmp_path / "repo"
@@ -87,43 +88,90 @@ def test_dvc_repro_runs_every_stage_then_nothing(
         else:
             shutil.copy(source, work / name)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    for dotted, value in TINY_OVERRIDES.items():
+    # No floors: the tiny model passes the gate, so the experiment below can fail it.
+    floors = {"gate.min_gauc": 0.0, "gate.min_recall_at_100": 0.0}
+    for dotted, value in {**TINY_OVERRIDES, **floors}.items():
         *parents, key = dotted.split(".")
         node = raw
         for parent in parents:
             node = node[parent]
         node[key] = value
     (work / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    (work / ".gitignore").write_text("/data/\n__pycache__/\n", encoding="utf-8")
     shutil.copytree(tiny_world, work / "data")
-    env = _env(MLFLOW_TRACKING_URI=mlflow_store)
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-    subprocess.run([BIN / "dvc", "init", "-q"], cwd=work, check=True, env=env)
+    identity = {"GIT_AUTHOR_NAME": "ace", "GIT_AUTHOR_EMAIL": "ace@localhost"}
+    identity |= {"GIT_COMMITTER_NAME": "ace", "GIT_COMMITTER_EMAIL": "ace@localhost"}
+    env = _env(MLFLOW_TRACKING_URI=mlflow_store, **identity)
 
-    first = subprocess.run(
-        [BIN / "dvc", "repro"], cwd=work, env=env, capture_output=True, text=True
-    )
-    assert first.returncode == 0, first.stderr
+    def run(*args: str | Path) -> subprocess.CompletedProcess:
+        done = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    run("git", "init", "-q")
+    run(BIN / "dvc", "init", "-q")
+    first = run(BIN / "dvc", "repro")
     for stage in STAGES:
         assert f"Running stage '{stage.name}'" in first.stdout
     assert (work / "artifacts" / "validate" / "products.parquet").is_file()
     assert (work / "artifacts" / "features" / "manifest.json").is_file()
     assert (work / "artifacts" / "pretrain" / "model" / "model.safetensors").is_file()
     assert (work / "artifacts" / "finetune" / "model" / "model.safetensors").is_file()
-    evaluated = json.loads((work / "artifacts" / "metrics" / "evaluate.json").read_text())
+    evaluated = json.loads((work / "metrics" / "evaluate.json").read_text())
     assert 0 <= evaluated["recall_at_100"] <= 1 and 0 <= evaluated["bm25_recall_at_100"] <= 1
     assert (work / "dvc.lock").is_file()
-
-    second = subprocess.run(
-        [BIN / "dvc", "repro"], cwd=work, env=env, capture_output=True, text=True
-    )
-    assert second.returncode == 0, second.stderr
+    second = run(BIN / "dvc", "repro")
     assert "Running stage" not in second.stdout
+
+    # The stages of one `dvc repro` share one MLflow parent run, as the Prefect flow's do.
+    client = MlflowClient()
+    experiment = mlflow.get_experiment_by_name("ace")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("dvc_command") == "dvc repro"]
+    assert parent.info.run_name == "dvc repro" and parent.info.status == "FINISHED"
+    assert parent.data.tags["stages"] == ",".join(s.name for s in STAGES)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["stage"] for r in children) == sorted(s.name for s in STAGES)
+
+    # Metrics and plot data are in git: a DVC experiment's commit holds its own, so DVC
+    # compares experiments with numbers (not `!`).
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "baseline")
+    strict = run(BIN / "dvc", "exp", "run", "-n", "strict-gate", "-S", "gate.min_gauc=0.99")
+    assert "Running stage 'gate'" in strict.stdout
+    assert "Running stage 'evaluate'" not in strict.stdout
+    diff = json.loads(run(BIN / "dvc", "metrics", "diff", "HEAD", "strict-gate", "--json").stdout)
+    assert diff["metrics/gate.json"]["passed"] == {"old": 1.0, "new": 0.0, "diff": -1.0}
+    assert diff["metrics/gate.json"]["version"] == {"old": 1.0, "new": 2.0, "diff": 1.0}
+    shown = run(BIN / "dvc", "exp", "show", "--csv", "--drop", ".*", "--keep", "Experiment|^gauc$")
+    table = list(csv.DictReader(shown.stdout.splitlines()))
+    assert [float(row["gauc"]) for row in table] == [evaluated["gauc"]] * len(table)
+    (strict_run,) = [
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if r.data.tags.get("dvc_experiment") == "strict-gate"
+    ]
+    assert strict_run.info.run_name == "dvc exp run strict-gate"
+
+    plots = json.loads(run(BIN / "dvc", "plots", "diff", "HEAD", "strict-gate", "--json").stdout)
+    assert plots.get("errors", []) == []
+    for chart in ("plots/finetune/main_loss.csv", "plots/recall/model.csv", *CHARTS):
+        (rendered,) = plots["data"][chart]
+        assert rendered["revisions"] == ["HEAD", "strict-gate"]
 
 
 @pytest.mark.slow
 def test_prefect_flow_runs_stages_nested_under_one_pipeline_run(
     tiny_params: Params, tiny_world: Path
 ):
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.logging.handlers import APILogHandler
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.ace import ace
@@ -134,9 +182,33 @@ def test_prefect_flow_runs_stages_nested_under_one_pipeline_run(
         "paths.artifacts_dir": str(tiny_params.paths.artifacts_dir),
     }
     with prefect_test_harness():
-        results = ace(params_file=str(ROOT / "params.yaml"), overrides=overrides)
+        state = ace(params_file=str(ROOT / "params.yaml"), overrides=overrides, return_state=True)
+        results = state.result()
+        flow_run = state.state_details.flow_run_id
+        APILogHandler().flush()
+        with get_client(sync_client=True) as prefect:
+            artifacts = prefect.read_artifacts(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run]))
+            )
+            logs = prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])))
     assert set(results) == {s.name for s in STAGES}
     assert results["validate"]["products_kept"] > 0
+
+    # The Prefect UI's view: progress lines in the tasks' logs, figures as artifacts.
+    progress = [log for log in logs if log.name == "components.features"]
+    assert progress and all(log.task_run_id is not None for log in progress)
+    assert progress[-1].message.startswith(f"features: {results['features']['n_products']:.0f}/")
+    by_key = {a.key: a for a in artifacts}
+    assert {f"{s.name}-metrics" for s in STAGES} | {"evaluate-models", "gate-decision"} <= set(
+        by_key
+    )
+    table = json.loads(by_key["evaluate-metrics"].data)  # table artifacts hold JSON
+    assert {row["metric"]: row["value"] for row in table}["gauc"] == results["evaluate"]["gauc"]
+    models = [row["model"] for row in json.loads(by_key["evaluate-models"].data)]
+    assert models == [tiny_params.model.variant, "bm25"]
+    version = int(results["gate"]["version"])
+    assert f"Gate: version {version} " in by_key["gate-decision"].data
+    assert by_key["ace-report"].data.startswith(f"## ace: {tiny_params.model.variant} on")
 
     client = MlflowClient()
     experiment = mlflow.get_experiment_by_name(tiny_params.tracking.experiment)
