@@ -40,6 +40,7 @@ from transformers import BertConfig, BertModel
 from components import pretrain as pt
 from components.config import Params, load_params
 from components.features import FeatureStore
+from components.retrieval import split_days
 from components.tokenizer import train_wordpiece
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def ours_step(params: Params) -> tuple[Step, dict]:
     store = FeatureStore(artifacts / "features")
     products = products[products.product_id.isin(store.row_of)]
     tokenizer = train_wordpiece(
-        pt.training_texts(products, impressions, params.split.test_days), cfg.vocab_size
+        pt.training_texts(products, split_days(impressions, params.split).train), cfg.vocab_size
     )
     train_ids, _ = pt.split_products(list(products.product_id), cfg.eval_share, cfg.seed)
     titles = products.set_index("product_id")["title"].astype(str)

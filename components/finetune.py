@@ -40,10 +40,8 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -55,66 +53,44 @@ from components import checkpoints
 from components.backbones import resolve_device
 from components.config import FinetuneConfig, ModelConfig, Params
 from components.errors import AceError, DataError
+from components.evaluator import EmbeddingRanker, RetrievalEvaluator, period_evaluators
 from components.features import FeatureStore
 from components.modeling import (
     AceBertForRetrieval,
     CeBertConfig,
     CeBertModel,
     domain_loss,
+    is_new_layer,
     semantic_matching_loss,
 )
 from components.plots import plot_history
 from components.retrieval import (
     HOT_QUERIES_FILE,
     Catalogue,
+    ClickPairs,
+    click_pairs,
+    embed_products,
+    embed_queries,
     encode_texts,
     hot_queries,
-    product_text,
+    leave_one_out_texts,
     split_days,
     trim,
 )
+from components.training import check_schedule, log_step, parameter_groups, step_seed
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
+FINISHED_DIR = "finished"  # under the work folder: one finished run per fingerprint
+BEST_DIR = "best"  # under the checkpoints: the weights of the best validation so far
 HISTORY = "history.json"
 CURVE = "training_curve.png"
 SUMMARY = "finetune_summary.json"
 _FINAL_WINDOW = 50
 
 _EPOCH, _DROPOUT = 1, 2  # random streams: np.random.default_rng([seed, stream, ...])
-
-
-@dataclass(frozen=True)
-class ClickPairs:
-    """Distinct (query, product) training pairs: query index into `queries`, catalogue row."""
-
-    queries: list[str]
-    query: np.ndarray
-    product: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.query)
-
-    def keys(self, n_products: int) -> np.ndarray:
-        """One int64 per pair, sorted: what `also_positive` looks pairs up in."""
-        return np.sort(self.query.astype(np.int64) * n_products + self.product)
-
-
-def click_pairs(train_impressions: pd.DataFrame, index_of: dict[str, int]) -> ClickPairs:
-    clicked = train_impressions[train_impressions["clicked"] == 1]
-    clicked = clicked[clicked["product_id"].isin(index_of)]
-    pairs = clicked[["query", "product_id"]].drop_duplicates().sort_values(["query", "product_id"])
-    if pairs.empty:
-        raise DataError("no clicked (query, product) pair in the training days: nothing to learn")
-    queries = sorted(pairs["query"].unique())
-    query_index = {q: i for i, q in enumerate(queries)}
-    return ClickPairs(
-        queries=queries,
-        query=pairs["query"].map(query_index).to_numpy(np.int64),
-        product=pairs["product_id"].map(index_of).to_numpy(np.int64),
-    )
 
 
 def mixed_negative_batches(
@@ -153,22 +129,6 @@ def also_positive(
     return torch.from_numpy(keys[found] == grid)
 
 
-def leave_one_out_texts(
-    catalogue: Catalogue,
-    hot: dict[str, list[str]],
-    products: np.ndarray,
-    queries: list[str],
-    sep: str,
-) -> list[str]:
-    """Product-side texts of training pairs: each product's hot queries without the pair's own."""
-    texts = []
-    for row, query in zip(products, queries, strict=True):
-        pid = catalogue.product_ids[row]
-        others = [h for h in hot.get(pid, []) if h != query]
-        texts.append(product_text(catalogue.titles[row], others, sep))
-    return texts
-
-
 def finetune(
     params: Params, out_dir: Path, progress: bool = True, work_dir: Path | None = None
 ) -> dict[str, float]:
@@ -189,16 +149,23 @@ def finetune(
     products = pd.read_parquet(artifacts / "validate" / "products.parquet")
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
     store = FeatureStore(artifacts / "features")
-    train_days, _ = split_days(impressions, params.split.test_days, params.split.train_days)
-    hot = hot_queries(train_days, cfg.hot_queries) if model_cfg.hot_queries else {}
+    periods = split_days(impressions, params.split)
+    hot = hot_queries(periods.train, cfg.hot_queries) if model_cfg.hot_queries else {}
 
     tokenizer = BertTokenizerFast.from_pretrained(pretrained)
     config = _retrieval_config(pretrained, model_cfg, cfg)
     catalogue = Catalogue.build(
         products, store, model_cfg, tokenizer, hot, cfg.max_product_text_len
     )
-    pairs = click_pairs(train_days, catalogue.index_of())
-    fingerprint = _fingerprint(params, pretrained, pairs, catalogue)
+    pairs = click_pairs(periods.train, catalogue.index_of())
+    validation = period_evaluators(params, periods, catalogue.product_ids).get("val")
+    fingerprint = _fingerprint(params, pretrained, pairs, catalogue, validation)
+    finished = work_dir / FINISHED_DIR / fingerprint
+    if (finished / MODEL_DIR / SUMMARY).exists():
+        log.info("fine-tuning of these inputs and settings already finished: reusing %s", finished)
+        checkpoints.replace_tree(finished, out_dir)
+        summary = json.loads((out_dir / MODEL_DIR / SUMMARY).read_text(encoding="utf-8"))
+        return {**summary["metrics"], "reused": 1.0, "seconds": time.perf_counter() - start}
 
     checkpoint_root = work_dir / CHECKPOINTS_DIR
     checkpoint = checkpoints.latest(checkpoint_root, fingerprint)
@@ -213,12 +180,15 @@ def finetune(
     model.to(device)
 
     query_ids = encode_texts(tokenizer, pairs.queries, cfg.max_query_len)
-    trainer = _Trainer(model, tokenizer, catalogue, pairs, query_ids, params, device, hot)
+    trainer = _Trainer(
+        model, tokenizer, catalogue, pairs, query_ids, params, device, hot, validation
+    )
     trainer.checkpoint_root, trainer.fingerprint = checkpoint_root, fingerprint
     if checkpoint is not None:
         trainer.resume(checkpoint)
         log.info("resuming fine-tuning at step %d from %s", trainer.first_step, checkpoint)
     trainer.run(progress)
+    best_step = trainer.restore_best()
 
     model_dir = out_dir / MODEL_DIR
     shutil.rmtree(model_dir, ignore_errors=True)
@@ -245,6 +215,14 @@ def finetune(
         samples_per_second=trainer.samples / trainer.seconds if trainer.seconds else 0.0,
         seconds=time.perf_counter() - start,
     )
+    if best_step is not None:
+        best = dict(trainer.history[best_step - 1])
+        metrics.update(
+            best_step=float(best_step),
+            stopped_early=float(trainer.stopped_at is not None),
+            steps_trained=float(trainer.stopped_at or trainer.total_steps),
+            **{k: v for k, v in best.items() if k.startswith("val_")},
+        )
     summary = {
         "variant": model_cfg.variant,
         "hot_queries": model_cfg.hot_queries,
@@ -254,6 +232,7 @@ def finetune(
         "metrics": metrics,
     }
     (model_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    checkpoints.keep_finished(out_dir, finished)
     shutil.rmtree(checkpoint_root, ignore_errors=True)
     return metrics
 
@@ -298,9 +277,12 @@ class _Trainer:
         params: Params,
         device: torch.device,
         hot: dict[str, list[str]] | None = None,
+        validation: RetrievalEvaluator | None = None,
     ) -> None:
         cfg = params.finetune
         self.hot = hot or {}
+        self.validation = validation if cfg.eval_every else None
+        self.eval_batch = params.evaluate.batch_size
         self.model, self.tokenizer, self.catalogue, self.pairs = model, tokenizer, catalogue, pairs
         self.query_ids, self.cfg, self.device = query_ids, cfg, device
         self.adversarial = params.model.adversarial
@@ -308,17 +290,17 @@ class _Trainer:
         self.keys = pairs.keys(len(catalogue))
         self.steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        towers = model.tower_parameters()
-        decay = [p for p in towers if p.ndim >= 2]
-        no_decay = [p for p in towers if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
-            lr=cfg.learning_rate,
-            weight_decay=0.0,
+        groups = parameter_groups(
+            model,
+            cfg.learning_rate,
+            cfg.head_learning_rate,
+            cfg.weight_decay,
+            is_new_layer,
+            skip=lambda name: name.startswith("domain_classifier."),
         )
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, cfg.warmup_steps, self.total_steps
-        )
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+        warmup = check_schedule("finetune", cfg.warmup_steps, self.total_steps)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
         self.classifier_optimizer = torch.optim.Adam(
             model.domain_classifier.parameters(), lr=cfg.adversarial.classifier_learning_rate
         )
@@ -329,6 +311,7 @@ class _Trainer:
         self.checkpoint_root: Path | None = None
         self.fingerprint = ""
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.stopped_at: int | None = None  # the step early stopping ended the run at
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.cfg.seed, _EPOCH, epoch])
@@ -344,7 +327,8 @@ class _Trainer:
         p_batch = self.catalogue.inputs(product)
         if self.hot:
             texts = leave_one_out_texts(
-                self.catalogue,
+                self.catalogue.product_ids,
+                self.catalogue.titles,
                 self.hot,
                 product,
                 [self.pairs.queries[i] for i in query],
@@ -352,7 +336,7 @@ class _Trainer:
             )
             ids = encode_texts(self.tokenizer, texts, cfg.max_product_text_len)
             p_batch["input_ids"], p_batch["attention_mask"] = trim(ids, self.tokenizer.pad_token_id)
-        torch.manual_seed(_step_seed(cfg.seed, step))  # dropout: resumable without RNG state
+        torch.manual_seed(step_seed(cfg.seed, _DROPOUT, step))  # dropout, resumable
         q = model.encode_queries(q_ids.to(self.device), q_mask.to(self.device))
         p = model.encode_products(**{k: v.to(self.device) for k, v in p_batch.items()})
         positives = also_positive(query, product, self.keys, len(self.catalogue)).to(self.device)
@@ -391,6 +375,58 @@ class _Trainer:
             truth = torch.cat([torch.ones(len(queries)), torch.zeros(len(products))])
             accuracy = ((logits > 0).float().cpu() == truth).float().mean().item()
         return {"classifier_loss": loss.item(), "classifier_accuracy": accuracy}
+
+    @property
+    def best_dir(self) -> Path:
+        assert self.checkpoint_root is not None
+        return self.checkpoint_root / BEST_DIR
+
+    def validate(self, step: int) -> dict[str, float]:
+        """The towers on the validation days (exact search); the best so far is saved aside."""
+        assert self.validation is not None
+        model, tokenizer, cfg = self.model, self.tokenizer, self.cfg
+        products = embed_products(model, self.catalogue, self.eval_batch, self.device, False)
+
+        def encode(queries: list[str]) -> np.ndarray:
+            return embed_queries(
+                model, tokenizer, queries, cfg.max_query_len, self.eval_batch, self.device
+            )
+
+        figures = self.validation(
+            EmbeddingRanker(self.catalogue.product_ids, products, encode), exact=False
+        )
+        record = {f"val_{k}": v for k, v in figures.items() if not k.endswith(("queries", "rows"))}
+        best = self.best()
+        if best is None or record[f"val_{cfg.select_metric}"] > best[1]:
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+            model.save_pretrained(self.best_dir)
+        return record
+
+    def evaluations(self) -> list[tuple[int, float]]:
+        """(step, validation figure) of every evaluation so far, from the history."""
+        key = f"val_{self.cfg.select_metric}"
+        return [(int(h["step"]), h[key]) for h in self.history if key in h]
+
+    def best(self) -> tuple[int, float] | None:
+        """(step, figure) of the best evaluation so far (the earliest of equals)."""
+        done = self.evaluations()
+        return max(done, key=lambda e: (e[1], -e[0])) if done else None
+
+    def patience_spent(self) -> bool:
+        """`patience` evaluations in a row without beating the best before them."""
+        done, patience = self.evaluations(), self.cfg.patience
+        if not patience or len(done) <= patience:
+            return False
+        best_before = max(figure for _, figure in done[:-patience])
+        return all(figure <= best_before for _, figure in done[-patience:])
+
+    def restore_best(self) -> int | None:
+        """Load the best evaluation's weights into the model; its step (None: no evaluation)."""
+        best = self.best()
+        if best is None:
+            return None
+        checkpoints.load_weights(self.model, self.best_dir)
+        return best[0]
 
     def resume(self, checkpoint: Path) -> None:
         states = checkpoints.load_states(checkpoint)
@@ -447,25 +483,39 @@ class _Trainer:
                 loss=f"{record['main_loss']:.3f}", pairs_s=f"{self.samples / self.seconds:.1f}"
             )
             bar.update()
+            last = step + 1 == self.total_steps
+            if self.validation is not None and ((step + 1) % cfg.eval_every == 0 or last):
+                scored = self.validate(step + 1)
+                self.history[-1].update(scored)
+                log_step(step + 1, scored)
+                log.info(
+                    "finetune step %d/%d: validation %s %.4f",
+                    step + 1,
+                    self.total_steps,
+                    cfg.select_metric,
+                    scored[f"val_{cfg.select_metric}"],
+                )
+                self.model.train()
+                if self.patience_spent():
+                    self.stopped_at = step + 1
+                    break
             # Checkpoints fall between adversarial rounds: no embeddings are pending then.
             due = due or (step + 1) % cfg.checkpoint_every == 0
-            if due and not self._pending and step + 1 < self.total_steps:
+            if due and not self._pending and not last:
                 self.save(step + 1)
                 due = False
         bar.close()
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, _DROPOUT, step]).generate_state(1)[0])
-
-
-def log_step(step: int, record: dict[str, float]) -> None:
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics({f"train/{k}": v for k, v in record.items()}, step=step)
-
-
-def _fingerprint(params: Params, pretrained: Path, pairs: ClickPairs, catalogue: Catalogue) -> str:
+def _fingerprint(
+    params: Params,
+    pretrained: Path,
+    pairs: ClickPairs,
+    catalogue: Catalogue,
+    validation: RetrievalEvaluator | None,
+) -> str:
     digest = hashlib.md5()
+    digest.update((validation.digest if validation else "no validation").encode())
     digest.update((pretrained / checkpoints.WEIGHTS).read_bytes())
     digest.update(np.ascontiguousarray(pairs.query).tobytes())
     digest.update(np.ascontiguousarray(pairs.product).tobytes())

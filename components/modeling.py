@@ -352,6 +352,9 @@ class AceBertForRetrieval(CeBertPreTrainedModel):
             nn.Linear(config.classifier_hidden, 1),
         )
         self.post_init()
+        # The towers start as one: with a pretrained encoder, the first ranking is the
+        # backbone's own similarity instead of two unrelated random projections of it.
+        self.product_projection.load_state_dict(self.query_projection.state_dict())
 
     def encode_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         sequence, _ = self.ce_bert(input_ids, attention_mask)
@@ -397,6 +400,12 @@ def domain_loss(
     logits = classifier(torch.cat([queries, products])).squeeze(-1)
     labels = torch.cat([torch.ones(len(queries)), torch.zeros(len(products))]).to(logits)
     return 2 * F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def is_new_layer(name: str) -> bool:
+    """Parameters outside the BERT encoder: what a text checkpoint never provides (image
+    projections, heads, the towers' projections), so they learn at a rate of their own."""
+    return not name.startswith("ce_bert.bert.")
 
 
 def init_text_encoder_from(model: CeBertPreTrainedModel, name_or_path: str | Path) -> list[str]:

@@ -27,7 +27,7 @@ Metrics = dict[str, float]
 class Stage:
     name: str
     run: Callable[[Params], Metrics]
-    params: tuple[str, ...]  # params.yaml sections the stage reads
+    params: tuple[str, ...]  # params.yaml sections (or single dotted keys) the stage reads
     code: tuple[str, ...]  # source files whose change must re-run it
     deps: Callable[[Params], list[Path]]
     outs: Callable[[Params], list[Path]]
@@ -95,6 +95,15 @@ def _finetune(params: Params) -> Metrics:
     return metrics
 
 
+def _baselines(params: Params) -> Metrics:
+    from components.baselines import RESULTS_FILE, run_baselines
+
+    out_dir = stage_dir(params, "baselines")
+    metrics = run_baselines(params, out_dir)
+    mlflow.log_artifact(str(out_dir / RESULTS_FILE), artifact_path="baselines")
+    return metrics
+
+
 def _evaluate(params: Params) -> Metrics:
     from components.evaluate import EMBEDDING_MAP, METRICS_FILE, RECALL_CURVE, evaluate_retriever
 
@@ -154,6 +163,23 @@ STAGES: tuple[Stage, ...] = (
         persist=True,
     ),
     Stage(
+        name="baselines",
+        run=_baselines,
+        params=("split", "baselines", "index", "evaluate.ks", "finetune.hot_queries"),
+        code=(
+            "components/baselines.py",
+            "components/evaluator.py",
+            "components/retrieval_metrics.py",
+            "components/bm25.py",
+            "components/index.py",
+            "components/pretrained.py",
+            "components/retrieval.py",
+        ),
+        deps=lambda p: [stage_dir(p, n) for n in ("validate", "features")],
+        outs=lambda p: [stage_dir(p, "baselines")],
+        description="BM25 and sentence-transformers baselines (zero-shot, fine-tuned), same rows.",
+    ),
+    Stage(
         name="pretrain",
         run=_pretrain,
         params=("model", "split", "pretrain"),
@@ -187,14 +213,14 @@ STAGES: tuple[Stage, ...] = (
         params=("model", "split", "finetune", "evaluate", "index"),
         code=(
             "components/evaluate.py",
+            "components/evaluator.py",
             "components/index.py",
             "components/retrieval_metrics.py",
-            "components/bm25.py",
             "components/retrieval.py",
         ),
-        deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune")],
+        deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune", "baselines")],
         outs=lambda p: [stage_dir(p, "evaluate")],
-        description="GAUC, Recall@K (through the ANN index and exact), MRR, nDCG@10; vs BM25.",
+        description="GAUC, Recall@K (ANN and exact), MRR, nDCG@10, slices; beside the baselines.",
     ),
     Stage(
         name="distill",
@@ -240,7 +266,8 @@ def get_stage(name: str) -> Stage:
 
 def run_stage(stage: Stage, params: Params, parent_run_id: str | None = None) -> Metrics:
     """Run one stage as an MLflow run (nested under `parent_run_id`) and write its metrics."""
-    section_params = {name: params.section(name).model_dump(mode="json") for name in stage.params}
+    section_params = {name: params.value(name) for name in stage.params}
+    section_params["profile"] = params.profile or "none"
     with tracking.stage_run(
         params.tracking.experiment, stage.name, section_params, parent_run_id=parent_run_id
     ):
@@ -261,7 +288,8 @@ def render_dvc_yaml(params: Params) -> str:
         stages[stage.name] = {
             "cmd": f"ace stage run {stage.name}",
             "deps": [*stage.code, *(str(path) for path in stage.deps(params))],
-            "params": list(stage.params),
+            # A profile may set any section: every stage re-runs when it changes.
+            "params": [*stage.params, "profile", "profiles"],
             "outs": [
                 {str(path): {"persist": True}} if stage.persist else str(path)
                 for path in stage.outs(params)
