@@ -225,13 +225,16 @@ class PretrainConfig(_Section):
 
 
 class AdversarialConfig(_Section):
-    """Paper 3.3: the towers minimise L_main - weight * L_adv, the domain classifier L_adv."""
+    """Paper 3.3: a domain classifier against the towers (components/adversary.py)."""
 
-    weight: float = Field(default=0.1, ge=0)  # lambda
-    tower_steps: int = Field(default=5, ge=1)  # k tower steps with the classifier fixed ...
-    classifier_steps: int = Field(default=1, ge=1)  # ... then this many classifier steps
+    method: Literal["confusion", "grl", "alternating"] = "confusion"
+    weight: float = Field(default=0.1, ge=0)  # lambda (the schedule's final value)
+    schedule: Literal["constant", "dann"] = "dann"  # dann: 0 -> weight as training progresses
+    tower_steps: int = Field(default=5, ge=1)  # alternating: k tower steps, then ...
+    classifier_steps: int = Field(default=1, ge=1)  # ... this many classifier steps
     classifier_learning_rate: float = Field(default=1e-3, gt=0)
-    classifier_hidden: int = Field(default=64, ge=1)
+    classifier_hidden: int = Field(default=128, ge=1)
+    log_every: int = Field(default=10, ge=1)  # adversarial / main gradient ratio, every N steps
 
 
 class FinetuneConfig(_Section):

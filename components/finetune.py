@@ -19,14 +19,18 @@ Where the paper is vague, this is what we chose:
   batch therefore holds runs of same-category products: hard negatives. Fewer partitions mean
   longer runs and more of them; the share of a batch's negatives with the positive's category
   is measured every epoch (`same_category_negative_share`) and documented in docs/finetune.md.
-- Adversarial learning (3.3), for `acebert` and `cebert_adv`: every tower step minimises
-  L_main - weight * L_adv with the domain classifier's weights fixed (not trainable); after every
-  `tower_steps` tower steps the classifier takes `classifier_steps` steps on the query and product
-  embeddings of those tower steps (detached: the towers are fixed), with its own optimiser. The
-  embeddings it learns from are up to `tower_steps` updates old; re-encoding them would double the
-  cost of training.
-- Each tower reads the pooled [CLS] through its own projection (modeling.AceBertForRetrieval);
-  the encoder weights are shared, as the paper's two CE-BERTs share parameters.
+- Adversarial learning (3.3), for `acebert` and `cebert_adv`: components/adversary.py (the
+  classifier learns from detached embeddings with its own optimiser; the towers add its
+  `method`'s term, non-saturating domain confusion by default, weighted by a lambda that ramps up
+  over training). Instruments: the adversarial / main gradient ratio at the embeddings (every
+  `log_every` steps), and at every validation the held-out classifier's accuracy and AUC, the
+  distance between the query and product centroids and a fresh linear probe's accuracy.
+- Early stopping (4.4.1 "either early stop"): every `eval_every` steps the towers are scored on
+  the validation days by the one evaluator (exact search); the best checkpoint by
+  `select_metric` is kept and training stops after `patience` evaluations without improvement.
+- Each tower mean-pools the encoder's states through its own projection
+  (modeling.AceBertForRetrieval), both projections starting equal; the encoder weights are
+  shared, as the paper's two CE-BERTs share parameters.
 - Optimiser: AdamW with linear warm-up and decay for the towers; Adam for the classifier.
   Checkpoints hold both (and are written only between adversarial rounds), so a killed run
   resumes on the same trajectory; every random draw is a function of (seed, epoch, step).
@@ -50,6 +54,7 @@ from tqdm import tqdm
 from transformers import BertTokenizerFast, get_linear_schedule_with_warmup
 
 from components import checkpoints
+from components.adversary import Adversary, balanced_accuracy
 from components.backbones import resolve_device
 from components.config import FinetuneConfig, ModelConfig, Params
 from components.errors import AceError, DataError
@@ -90,7 +95,7 @@ CURVE = "training_curve.png"
 SUMMARY = "finetune_summary.json"
 _FINAL_WINDOW = 50
 
-_EPOCH, _DROPOUT = 1, 2  # random streams: np.random.default_rng([seed, stream, ...])
+_EPOCH, _DROPOUT, _PROBE = 1, 2, 3  # random streams: np.random.default_rng([seed, stream, ...])
 
 
 def mixed_negative_batches(
@@ -197,11 +202,15 @@ def finetune(
     (model_dir / HOT_QUERIES_FILE).write_text(json.dumps(hot) + "\n", encoding="utf-8")
     (out_dir / HISTORY).write_text(json.dumps(trainer.history) + "\n", encoding="utf-8")
     keys = ["main_loss"] + (["adv_loss", "classifier_loss"] if model_cfg.adversarial else [])
-    plot_history(trainer.history, keys, out_dir / CURVE)
+    # The paper's Fig. 6 (the semantic-matching loss) beside the adversary's instruments.
+    instruments = [f"val_{cfg.select_metric}", "val_centroid_gap", "val_probe_accuracy"]
+    if model_cfg.adversarial:
+        instruments += ["adv_grad_ratio", "val_classifier_accuracy"]
+    plot_history(trainer.history, keys + instruments, out_dir / CURVE)
 
     metrics = {
         f"final_{key}": float(np.mean(values[-_FINAL_WINDOW:]))
-        for key in keys
+        for key in [*keys, "adv_grad_ratio", "classifier_accuracy"]
         if (values := [h[key] for h in trainer.history if key in h])
     }
     metrics.update(
@@ -301,8 +310,10 @@ class _Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
         warmup = check_schedule("finetune", cfg.warmup_steps, self.total_steps)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
-        self.classifier_optimizer = torch.optim.Adam(
-            model.domain_classifier.parameters(), lr=cfg.adversarial.classifier_learning_rate
+        self.adversary = (
+            Adversary(model.domain_classifier, cfg.adversarial, self.total_steps)
+            if self.adversarial
+            else None
         )
         self.first_step = 0
         self.history: list[dict[str, float]] = []
@@ -310,7 +321,6 @@ class _Trainer:
         self.samples, self.seconds = 0, 0.0
         self.checkpoint_root: Path | None = None
         self.fingerprint = ""
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stopped_at: int | None = None  # the step early stopping ended the run at
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
@@ -343,13 +353,15 @@ class _Trainer:
         main = semantic_matching_loss(q, p, cfg.gamma, positives)
         record = {"main_loss": main.item()}
         loss = main
-        if self.adversarial:
-            model.domain_classifier.requires_grad_(False)
-            adv = domain_loss(model.domain_classifier, q, p)
-            model.domain_classifier.requires_grad_(True)
-            loss = main - cfg.adversarial.weight * adv
-            record["adv_loss"] = adv.item()
-            self._pending.append((q.detach(), p.detach()))
+        if self.adversary is not None:
+            term = self.adversary.tower_loss(q, p, step)
+            loss = main + term
+            with torch.no_grad():
+                record["adv_loss"] = domain_loss(model.domain_classifier, q, p).item()
+            record["adv_weight"] = self.adversary.weight(step)
+            if step % cfg.adversarial.log_every == 0:
+                record["adv_grad_ratio"] = gradient_ratio(term, main, (q, p))
+            self.adversary.observe(q, p)
         loss.backward()
         nn.utils.clip_grad_norm_(model.tower_parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -358,23 +370,6 @@ class _Trainer:
         record["loss"] = loss.item()
         record["lr"] = self.scheduler.get_last_lr()[0]
         return record
-
-    def classifier_steps(self) -> dict[str, float]:
-        """The classifier learns from the last tower steps' embeddings; the towers stay fixed."""
-        queries = torch.cat([q for q, _ in self._pending])
-        products = torch.cat([p for _, p in self._pending])
-        self._pending.clear()
-        classifier = self.model.domain_classifier
-        for _ in range(self.cfg.adversarial.classifier_steps):
-            loss = domain_loss(classifier, queries, products)
-            loss.backward()
-            self.classifier_optimizer.step()
-            self.classifier_optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            logits = classifier(torch.cat([queries, products])).squeeze(-1)
-            truth = torch.cat([torch.ones(len(queries)), torch.zeros(len(products))])
-            accuracy = ((logits > 0).float().cpu() == truth).float().mean().item()
-        return {"classifier_loss": loss.item(), "classifier_accuracy": accuracy}
 
     @property
     def best_dir(self) -> Path:
@@ -392,10 +387,13 @@ class _Trainer:
                 model, tokenizer, queries, cfg.max_query_len, self.eval_batch, self.device
             )
 
-        figures = self.validation(
-            EmbeddingRanker(self.catalogue.product_ids, products, encode), exact=False
-        )
+        ranker = EmbeddingRanker(self.catalogue.product_ids, products, encode)
+        figures = self.validation(ranker, exact=False)
         record = {f"val_{k}": v for k, v in figures.items() if not k.endswith(("queries", "rows"))}
+        queries = ranker.embed(self.validation.queries)
+        record.update(modality_gap(queries, products, cfg.seed))
+        if self.adversary is not None:
+            record.update(held_out_classifier(model.domain_classifier, queries, products))
         best = self.best()
         if best is None or record[f"val_{cfg.select_metric}"] > best[1]:
             shutil.rmtree(self.best_dir, ignore_errors=True)
@@ -432,7 +430,8 @@ class _Trainer:
         states = checkpoints.load_states(checkpoint)
         self.optimizer.load_state_dict(states["optimizer"])
         self.scheduler.load_state_dict(states["scheduler"])
-        self.classifier_optimizer.load_state_dict(states["classifier_optimizer"])
+        if self.adversary is not None:
+            self.adversary.optimizer.load_state_dict(states["classifier_optimizer"])
         state = checkpoints.read_state(checkpoint)
         self.first_step, self.history = int(state["step"]), list(state["history"])
 
@@ -441,8 +440,9 @@ class _Trainer:
         states = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "classifier_optimizer": self.classifier_optimizer.state_dict(),
         }
+        if self.adversary is not None:
+            states["classifier_optimizer"] = self.adversary.optimizer.state_dict()
         checkpoints.save(
             self.checkpoint_root,
             step,
@@ -473,8 +473,8 @@ class _Trainer:
                 self.shares.append(same_category_share(batches, self.pair_categories))
             rows = batches[index % len(batches)]
             record = self.tower_step(rows, step)
-            if self.adversarial and len(self._pending) == cfg.adversarial.tower_steps:
-                record.update(self.classifier_steps())
+            if self.adversary is not None and self.adversary.due():
+                record.update(self.adversary.classifier_steps())
             self.samples += len(rows)
             self.history.append({"step": step + 1, **record})
             log_step(step + 1, record)
@@ -501,10 +501,55 @@ class _Trainer:
                     break
             # Checkpoints fall between adversarial rounds: no embeddings are pending then.
             due = due or (step + 1) % cfg.checkpoint_every == 0
-            if due and not self._pending and not last:
+            pending = self.adversary is not None and self.adversary.pending
+            if due and not pending and not last:
                 self.save(step + 1)
                 due = False
         bar.close()
+
+
+def gradient_ratio(term: torch.Tensor, main: torch.Tensor, at: tuple[torch.Tensor, ...]) -> float:
+    """||d term / d embeddings|| / ||d main / d embeddings||: how much the adversary moves the
+    towers relative to the task, where both reach them."""
+    adversarial = torch.autograd.grad(term, at, retain_graph=True, allow_unused=True)
+    task = torch.autograd.grad(main, at, retain_graph=True)
+    norm = lambda grads: torch.sqrt(sum((g**2).sum() for g in grads if g is not None))  # noqa: E731
+    return float(norm(adversarial) / norm(task).clamp_min(1e-12))
+
+
+def modality_gap(queries: np.ndarray, products: np.ndarray, seed: int) -> dict[str, float]:
+    """How far apart the two kinds of embedding lie: the distance between their centroids, and
+    the held-out balanced accuracy of a fresh linear probe telling them apart (0.5: none)."""
+    from sklearn.linear_model import LogisticRegression
+
+    gap = float(np.linalg.norm(queries.mean(0) - products.mean(0)))
+    x = np.concatenate([queries, products])
+    y = np.r_[np.ones(len(queries)), np.zeros(len(products))]
+    half = np.random.default_rng([seed, _PROBE]).random(len(x)) < 0.5
+    if len(set(y[half])) < 2 or len(set(y[~half])) < 2:
+        return {"val_centroid_gap": gap}
+    probe = LogisticRegression(class_weight="balanced", max_iter=1000).fit(x[half], y[half])
+    predicted = probe.predict(x[~half])
+    per_class = [(predicted[y[~half] == c] == c).mean() for c in (0, 1)]
+    return {"val_centroid_gap": gap, "val_probe_accuracy": float(np.mean(per_class))}
+
+
+@torch.no_grad()
+def held_out_classifier(
+    classifier: nn.Module, queries: np.ndarray, products: np.ndarray
+) -> dict[str, float]:
+    """The domain classifier on validation embeddings it never trained on: balanced accuracy and
+    ROC AUC of telling queries from products (0.5: the towers fool it)."""
+    from sklearn.metrics import roc_auc_score
+
+    device = next(classifier.parameters()).device
+    x = torch.from_numpy(np.concatenate([queries, products])).to(device)
+    logits = classifier(x).squeeze(-1).float().cpu()
+    y = np.r_[np.ones(len(queries)), np.zeros(len(products))]
+    return {
+        "val_classifier_accuracy": balanced_accuracy(logits, len(queries)),
+        "val_classifier_auc": float(roc_auc_score(y, logits.numpy())),
+    }
 
 
 def _fingerprint(

@@ -408,6 +408,12 @@ def is_new_layer(name: str) -> bool:
     return not name.startswith("ce_bert.bert.")
 
 
+def confusion_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the domain classifier's outputs against 1/2 (Tzeng et al. 2015): minimal
+    when it cannot tell queries from products. Non-saturating: d/dz = sigmoid(z) - 1/2."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, 0.5))
+
+
 def init_text_encoder_from(model: CeBertPreTrainedModel, name_or_path: str | Path) -> list[str]:
     """Copy a BERT checkpoint's weights into the model's encoder, first N layers only.
 

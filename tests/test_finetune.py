@@ -193,14 +193,15 @@ def test_fewer_partitions_give_more_same_category_negatives():
     assert sorted(np.concatenate(batches)) == list(range(4000))  # every pair once per epoch
 
 
+@pytest.mark.parametrize("method", ["confusion", "grl", "alternating"])
 def test_each_adversarial_phase_leaves_the_other_sides_weights_untouched(
-    world: Path, tiny_world: Path
+    world: Path, tiny_world: Path, method: str
 ):
-    params = _params(world, tiny_world)
+    params = _params(world, tiny_world, **{"finetune.adversarial.method": method})
     model, trainer = _trainer(params)
     towers = {k: v.clone() for k, v in model.state_dict().items() if "domain_classifier" not in k}
     classifier = {k: v.clone() for k, v in model.domain_classifier.state_dict().items()}
-    trainer.classifier_optimizer.step = _must_not_step  # the tower phase never steps it
+    trainer.adversary.optimizer.step = _must_not_step  # the tower phase never steps it
     for step in range(2):  # the warm-up's first learning rate is 0
         trainer.tower_step(np.arange(8), step=step)
     after = model.state_dict()
@@ -209,15 +210,66 @@ def test_each_adversarial_phase_leaves_the_other_sides_weights_untouched(
         assert torch.equal(classifier[k], v), k
     assert all(p.grad is None for p in model.domain_classifier.parameters())
 
-    del trainer.classifier_optimizer.step
+    del trainer.adversary.optimizer.step
     towers = {k: v.clone() for k, v in model.state_dict().items() if "domain_classifier" not in k}
-    trainer.classifier_steps()
+    trainer.adversary.classifier_steps()
     after = model.state_dict()
     for k in towers:
         assert torch.equal(towers[k], after[k]), k
     assert any(
         not torch.equal(classifier[k], v) for k, v in model.domain_classifier.state_dict().items()
     )
+
+
+@pytest.mark.parametrize("method", ["confusion", "grl", "alternating"])
+def test_the_adversarial_gradient_scales_with_the_weight_and_confuses_the_classifier(
+    world: Path, tiny_world: Path, method: str
+):
+    overrides = {
+        "finetune.adversarial.method": method,
+        "finetune.adversarial.classifier_learning_rate": 1e-2,
+    }
+    model, trainer = _trainer(_params(world, tiny_world, **overrides))
+    adversary = trainer.adversary
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(16, 16), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(16, 16) + 1.0, dim=-1)  # a modality gap
+    for _ in range(50):  # an informative classifier first
+        adversary.observe(q, p)
+        adversary.classifier_steps()
+    base_loss = domain_loss(model.domain_classifier, q, p).item()
+
+    def gradient(weight: float) -> torch.Tensor:
+        at = torch.cat([q, p]).requires_grad_(True)
+        adversary.cfg = adversary.cfg.model_copy(update={"weight": weight, "schedule": "constant"})
+        term = adversary.tower_loss(at[:16], at[16:], step=0)
+        return torch.autograd.grad(term, at)[0]
+
+    zero, one, two = gradient(0.0), gradient(0.5), gradient(1.0)
+    assert torch.equal(zero, torch.zeros_like(zero))
+    assert one.norm() > 1e-3
+    torch.testing.assert_close(two, 2 * one)  # linear in lambda
+    # A small step of the towers along their gradient makes the classifier worse at its task.
+    moved = torch.cat([q, p]) - 0.5 * one / one.norm()
+    assert domain_loss(model.domain_classifier, moved[:16], moved[16:]).item() > base_loss
+
+
+def test_an_adversary_of_weight_zero_trains_exactly_like_none(
+    world: Path, tiny_world: Path, tmp_path: Path
+):
+    from safetensors.torch import load_file
+
+    steps = {"finetune.max_steps": 6, "finetune.adversarial.weight": 0.0}
+    plain = _params(world, tiny_world, **{"model.variant": "cebert", **steps})
+    weightless = _params(world, tiny_world, **{"model.variant": "cebert_adv", **steps})
+    finetune(plain, tmp_path / "plain", progress=False)
+    adv = finetune(weightless, tmp_path / "adv", progress=False)
+    assert adv["final_classifier_accuracy"] > 0  # the classifier did play
+    ours = load_file(tmp_path / "adv" / ft.MODEL_DIR / "model.safetensors")
+    theirs = load_file(tmp_path / "plain" / ft.MODEL_DIR / "model.safetensors")
+    for key, value in theirs.items():
+        if not key.startswith("domain_classifier."):
+            assert torch.equal(ours[key], value), key
 
 
 def _must_not_step(*args: object, **kwargs: object) -> None:
@@ -293,7 +345,16 @@ def test_tiny_finetune_learns_resumes_and_evaluates(
         if step == 7:
             raise Killed
 
-    short = _params(world, tiny_world, **{"finetune.max_steps": 9, "finetune.checkpoint_every": 4})
+    short = _params(
+        world,
+        tiny_world,
+        **{
+            "finetune.max_steps": 9,
+            "finetune.checkpoint_every": 4,
+            # the paper's k-step rounds: checkpoints must wait for a round to end
+            "finetune.adversarial.method": "alternating",
+        },
+    )
     reference = finetune(short, tmp_path / "whole", progress=False)
     whole = json.loads((tmp_path / "whole" / ft.HISTORY).read_text())
     monkeypatch.setattr(ft, "log_step", die_at)
