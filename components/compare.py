@@ -38,6 +38,9 @@ VARIANT_ORDER = (
     "cebert_hot",
     "cebert_adv",
     "acebert",
+    "acebert_ma",
+    "acebert_ke",
+    "make",
 )
 # Fig. 6 pairs: the same model without and with the adversary.
 ADVERSARIAL_PAIRS = (("cebert_hot", "acebert"), ("cebert", "cebert_adv"))

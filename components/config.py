@@ -135,7 +135,18 @@ class FeaturesConfig(_Section):
         return self.pixel_patch**2 * 3
 
 
-Variant = Literal["twinbert", "fashionbert", "cebert", "acebert", "cebert_hot", "cebert_adv"]
+Variant = Literal[
+    "twinbert",
+    "fashionbert",
+    "cebert",
+    "acebert",
+    "cebert_hot",
+    "cebert_adv",
+    # Beyond the paper, MAKE's ideas on top of acebert (docs/make.md): both, and each alone.
+    "make",
+    "acebert_ma",
+    "acebert_ke",
+]
 
 
 class ModelConfig(_Section):
@@ -157,11 +168,24 @@ class ModelConfig(_Section):
 
     @property
     def hot_queries(self) -> bool:
-        return self.variant in ("acebert", "cebert_hot")
+        return self.variant in ("acebert", "cebert_hot", *_ON_ACEBERT)
 
     @property
     def adversarial(self) -> bool:
-        return self.variant in ("acebert", "cebert_adv")
+        return self.variant in ("acebert", "cebert_adv", *_ON_ACEBERT)
+
+    @property
+    def modal_adaptation(self) -> bool:
+        """MAKE's per-product weighting of the text and image parts of the product tower."""
+        return self.variant in ("make", "acebert_ma")
+
+    @property
+    def keyword_enhancement(self) -> bool:
+        """MAKE's keyword prediction from the query embedding (an auxiliary training loss)."""
+        return self.variant in ("make", "acebert_ke")
+
+
+_ON_ACEBERT = ("make", "acebert_ma", "acebert_ke")  # everything acebert has, plus MAKE's parts
 
 
 class SplitConfig(_Section):
@@ -237,6 +261,16 @@ class AdversarialConfig(_Section):
     log_every: int = Field(default=10, ge=1)  # adversarial / main gradient ratio, every N steps
 
 
+class MakeConfig(_Section):
+    """MAKE's modal adaptation and keyword enhancement (docs/make.md)."""
+
+    gate_hidden: int = Field(default=64, ge=1)  # modal adaptation: the gate network's width
+    keyword_vocabulary: int = Field(default=4000, ge=1)  # title words that can be keywords
+    keywords_per_query: int = Field(default=8, ge=1)  # at most this many per training query
+    keyword_min_share: Share = Field(default=0.5, gt=0, le=1)  # of the query's clicked titles
+    keyword_weight: float = Field(default=0.5, ge=0)  # the auxiliary loss's weight
+
+
 class FinetuneConfig(_Section):
     embedding_dim: int = Field(default=128, ge=2)  # each tower's L2-normalised output
     gamma: float = Field(default=20.0, gt=0)  # softmax smoothing of the cosine (Eq. 4)
@@ -263,6 +297,7 @@ class FinetuneConfig(_Section):
         "recall_at_100"
     )
     adversarial: AdversarialConfig = AdversarialConfig()
+    make: MakeConfig = MakeConfig()
     seed: int = 13
     device: str = "auto"
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from components import contract
 from components.backbones import resolve_device
 from components.baselines import LABELS, RESULTS_FILE
 from components.config import Params
@@ -37,12 +38,14 @@ from components.retrieval import (
     embed_products,
     embed_queries,
     load_retriever,
+    product_modality_weights,
     split_days,
 )
 
 METRICS_FILE = "metrics.json"
 RECALL_CURVE = "recall_curve.png"
 EMBEDDING_MAP = "embedding_map.png"
+WEIGHTS = "modality_weights.png"  # modal adaptation's image weights (MAKE variants)
 
 
 def evaluate_retriever(params: Params, out_dir: Path, progress: bool = True) -> dict[str, float]:
@@ -86,6 +89,10 @@ def evaluate_retriever(params: Params, out_dir: Path, progress: bool = True) -> 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    weights = product_modality_weights(model, catalogue, cfg.batch_size, device)
+    if weights is not None:
+        metrics.update(modality_diagnostics(weights[:, 1], catalogue, params.paths.data_dir))
+        plot_modality_weights(weights[:, 1], catalogue, params.paths.data_dir, out_dir / WEIGHTS)
     np.save(out_dir / PRODUCT_EMBEDDINGS, product_emb)
     (out_dir / PRODUCT_IDS).write_text(json.dumps(catalogue.product_ids) + "\n", encoding="utf-8")
     plot_recall_curves(curves, params.model.variant, out_dir / RECALL_CURVE)
@@ -104,6 +111,58 @@ def evaluate_retriever(params: Params, out_dir: Path, progress: bool = True) -> 
     metrics["seconds"] = time.perf_counter() - start
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics
+
+
+def _title_tells(catalogue: Catalogue, data_dir: Path) -> np.ndarray | None:
+    """Per catalogue product: does its title state its true colour and pattern? (the world's
+    hidden truth, diagnostics only; None without it)."""
+    path = Path(data_dir) / contract.TRUTH_DIR / "products.parquet"
+    if not path.exists():
+        return None
+    truth = pd.read_parquet(path).set_index("product_id").reindex(catalogue.product_ids)
+    right = (truth["title_color"] == truth["color"]) & (truth["title_pattern"] == truth["pattern"])
+    return right.to_numpy()
+
+
+def modality_diagnostics(
+    image_weight: np.ndarray, catalogue: Catalogue, data_dir: Path
+) -> dict[str, float]:
+    """Modal adaptation's image weight, overall and where the title does or does not tell the
+    colour and pattern: MAKE's gate should lean on the image where the title fails."""
+    out = {"ma_image_weight_mean": float(image_weight.mean())}
+    tells = _title_tells(catalogue, data_dir)
+    if tells is not None and tells.any() and (~tells).any():
+        out["ma_image_weight_title_right"] = float(image_weight[tells].mean())
+        out["ma_image_weight_title_wrong"] = float(image_weight[~tells].mean())
+    return out
+
+
+def plot_modality_weights(
+    image_weight: np.ndarray, catalogue: Catalogue, data_dir: Path, path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tells = _title_tells(catalogue, data_dir)
+    groups = (
+        {"all products": image_weight}
+        if tells is None
+        else {
+            "title states colour and pattern": image_weight[tells],
+            "title omits or misstates them": image_weight[~tells],
+        }
+    )
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name, values in groups.items():
+        ax.hist(values, bins=40, range=(0, 1), alpha=0.6, density=True, label=name)
+    ax.set_xlabel("image weight of modal adaptation")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _baseline_results(artifacts: Path, test_digest: str) -> dict | None:

@@ -60,6 +60,8 @@ from components.config import FinetuneConfig, ModelConfig, Params
 from components.errors import AceError, DataError
 from components.evaluator import EmbeddingRanker, RetrievalEvaluator, period_evaluators
 from components.features import FeatureStore
+from components.keywords import query_keywords
+from components.keywords import targets as keyword_targets
 from components.modeling import (
     AceBertForRetrieval,
     CeBertConfig,
@@ -93,6 +95,7 @@ BEST_DIR = "best"  # under the checkpoints: the weights of the best validation s
 HISTORY = "history.json"
 CURVE = "training_curve.png"
 SUMMARY = "finetune_summary.json"
+KEYWORDS_FILE = "keywords.json"
 _FINAL_WINDOW = 50
 
 _EPOCH, _DROPOUT, _PROBE = 1, 2, 3  # random streams: np.random.default_rng([seed, stream, ...])
@@ -159,6 +162,11 @@ def finetune(
 
     tokenizer = BertTokenizerFast.from_pretrained(pretrained)
     config = _retrieval_config(pretrained, model_cfg, cfg)
+    keyword_vocabulary, keywords = [], {}
+    if model_cfg.keyword_enhancement:
+        titles = dict(zip(products["product_id"], products["title"].astype(str), strict=True))
+        keyword_vocabulary, keywords = query_keywords(periods.train, titles, cfg.make)
+        config.n_keywords = len(keyword_vocabulary)
     catalogue = Catalogue.build(
         products, store, model_cfg, tokenizer, hot, cfg.max_product_text_len
     )
@@ -188,6 +196,10 @@ def finetune(
     trainer = _Trainer(
         model, tokenizer, catalogue, pairs, query_ids, params, device, hot, validation
     )
+    if keywords:
+        trainer.keyword_targets = torch.from_numpy(
+            keyword_targets(pairs.queries, keywords, len(keyword_vocabulary))
+        )
     trainer.checkpoint_root, trainer.fingerprint = checkpoint_root, fingerprint
     if checkpoint is not None:
         trainer.resume(checkpoint)
@@ -200,8 +212,13 @@ def finetune(
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     (model_dir / HOT_QUERIES_FILE).write_text(json.dumps(hot) + "\n", encoding="utf-8")
+    if keywords:  # what the keyword head predicts, for inspection
+        examples = {q: [keyword_vocabulary[i] for i in kw] for q, kw in keywords.items()}
+        payload = {"vocabulary": keyword_vocabulary, "queries": examples}
+        (model_dir / KEYWORDS_FILE).write_text(json.dumps(payload) + "\n", encoding="utf-8")
     (out_dir / HISTORY).write_text(json.dumps(trainer.history) + "\n", encoding="utf-8")
     keys = ["main_loss"] + (["adv_loss", "classifier_loss"] if model_cfg.adversarial else [])
+    keys += ["keyword_loss"] if keywords else []
     # The paper's Fig. 6 (the semantic-matching loss) beside the adversary's instruments.
     instruments = [f"val_{cfg.select_metric}", "val_centroid_gap", "val_probe_accuracy"]
     if model_cfg.adversarial:
@@ -220,6 +237,7 @@ def finetune(
         n_train_queries=float(len(pairs.queries)),
         n_products=float(len(catalogue)),
         products_with_hot_queries=float(sum(pid in hot for pid in catalogue.product_ids)),
+        queries_with_keywords=float(len(keywords)),
         same_category_negative_share=float(np.mean(trainer.shares)) if trainer.shares else 0.0,
         samples_per_second=trainer.samples / trainer.seconds if trainer.seconds else 0.0,
         seconds=time.perf_counter() - start,
@@ -272,6 +290,8 @@ def _retrieval_config(
         )
     config.embedding_dim = cfg.embedding_dim
     config.classifier_hidden = cfg.adversarial.classifier_hidden
+    config.modal_adaptation = model_cfg.modal_adaptation
+    config.modal_gate_hidden = cfg.make.gate_hidden
     return config
 
 
@@ -322,6 +342,7 @@ class _Trainer:
         self.checkpoint_root: Path | None = None
         self.fingerprint = ""
         self.stopped_at: int | None = None  # the step early stopping ended the run at
+        self.keyword_targets: torch.Tensor | None = None  # (training queries, keywords): MAKE
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.cfg.seed, _EPOCH, epoch])
@@ -353,6 +374,10 @@ class _Trainer:
         main = semantic_matching_loss(q, p, cfg.gamma, positives)
         record = {"main_loss": main.item()}
         loss = main
+        if self.keyword_targets is not None:
+            keyword = model.keyword_loss(q, self.keyword_targets[query].to(self.device))
+            loss = loss + cfg.make.keyword_weight * keyword
+            record["keyword_loss"] = keyword.item()
         if self.adversary is not None:
             term = self.adversary.tower_loss(q, p, step)
             loss = main + term

@@ -206,6 +206,22 @@ def embed_products(
 
 
 @torch.no_grad()
+def product_modality_weights(
+    model: AceBertForRetrieval, catalogue: Catalogue, batch_size: int, device: torch.device
+) -> np.ndarray | None:
+    """(n_products, 2) text and image weights of modal adaptation (MAKE), None without it."""
+    if model.modality_gate is None:
+        return None
+    model.eval()
+    out = []
+    for begin in range(0, len(catalogue), batch_size):
+        rows = np.arange(begin, min(begin + batch_size, len(catalogue)))
+        batch = {k: v.to(device) for k, v in catalogue.inputs(rows).items()}
+        out.append(model.modality_weights(**batch).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
 def embed_queries(
     model: AceBertForRetrieval,
     tokenizer: BertTokenizerFast,

@@ -105,11 +105,17 @@ def _baselines(params: Params) -> Metrics:
 
 
 def _evaluate(params: Params) -> Metrics:
-    from components.evaluate import EMBEDDING_MAP, METRICS_FILE, RECALL_CURVE, evaluate_retriever
+    from components.evaluate import (
+        EMBEDDING_MAP,
+        METRICS_FILE,
+        RECALL_CURVE,
+        WEIGHTS,
+        evaluate_retriever,
+    )
 
     out_dir = stage_dir(params, "evaluate")
     metrics = evaluate_retriever(params, out_dir)
-    for name in (METRICS_FILE, RECALL_CURVE, EMBEDDING_MAP):
+    for name in (METRICS_FILE, RECALL_CURVE, EMBEDDING_MAP, WEIGHTS):
         if (out_dir / name).exists():
             mlflow.log_artifact(str(out_dir / name), artifact_path="evaluate")
     return metrics
@@ -188,6 +194,8 @@ STAGES: tuple[Stage, ...] = (
             "components/modeling.py",
             "components/tokenizer.py",
             "components/checkpoints.py",
+            "components/training.py",
+            "components/pretrained.py",
         ),
         deps=lambda p: [stage_dir(p, "validate"), stage_dir(p, "features")],
         outs=lambda p: [stage_dir(p, "pretrain")],
@@ -202,6 +210,10 @@ STAGES: tuple[Stage, ...] = (
             "components/retrieval.py",
             "components/modeling.py",
             "components/checkpoints.py",
+            "components/adversary.py",
+            "components/keywords.py",
+            "components/training.py",
+            "components/evaluator.py",
         ),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "pretrain")],
         outs=lambda p: [stage_dir(p, "finetune")],
@@ -214,6 +226,7 @@ STAGES: tuple[Stage, ...] = (
         code=(
             "components/evaluate.py",
             "components/evaluator.py",
+            "components/baselines.py",
             "components/index.py",
             "components/retrieval_metrics.py",
             "components/retrieval.py",
@@ -231,6 +244,7 @@ STAGES: tuple[Stage, ...] = (
             "components/retrieval.py",
             "components/modeling.py",
             "components/index.py",
+            "components/evaluator.py",
         ),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune", "evaluate")],
         outs=lambda p: [stage_dir(p, "distill")],

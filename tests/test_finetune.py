@@ -461,3 +461,27 @@ def test_training_product_text_leaves_the_pairs_own_query_out():
         "Red Dress [SEP] red dress [SEP] dress [SEP] crimson gown",  # not a hot query: all kept
         "Blue Cap",
     ]
+
+
+def test_make_learns_keywords_of_training_days_only_and_reports_its_gate(
+    world: Path, tiny_world: Path, tmp_path: Path
+):
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    for stage in ("validate", "features", "pretrain"):
+        (artifacts / stage).symlink_to(world / stage)
+    overrides = {"model.variant": "make", "finetune.max_steps": 4}
+    params = _params(artifacts, tiny_world, **overrides)
+    metrics = finetune(params, artifacts / "finetune", progress=False)
+    assert metrics["queries_with_keywords"] > 0 and metrics["final_keyword_loss"] > 0
+    keywords = json.loads((artifacts / "finetune" / ft.MODEL_DIR / ft.KEYWORDS_FILE).read_text())
+    impressions = pd.read_parquet(world / "validate" / "impressions.parquet")
+    periods = split_days(impressions, params.split)
+    later_only = set(pd.concat([periods.val, periods.test])["query"]) - set(periods.train["query"])
+    assert later_only and not later_only & set(keywords["queries"])
+
+    evaluated = evaluate_retriever(params, artifacts / "evaluate", progress=False)
+    # Per-product image weights (not one mixture for all), split by whether the title tells
+    # the colour and pattern.
+    assert evaluated["ma_image_weight_title_wrong"] != evaluated["ma_image_weight_title_right"]
+    assert (artifacts / "evaluate" / "modality_weights.png").stat().st_size > 1000
