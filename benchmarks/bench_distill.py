@@ -38,7 +38,7 @@ def main() -> None:
     teacher, tokenizer = load_retriever(artifacts / "finetune" / "model")
     student, _ = load_retriever(artifacts / "distill" / "student")
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
-    _, test = split_days(impressions, params.split.test_days, params.split.train_days)
+    test = split_days(impressions, params.split).test
     queries = sorted(test["query"].unique())
     ids = encode_texts(tokenizer, queries, params.finetune.max_query_len)
     rng = np.random.default_rng(0)

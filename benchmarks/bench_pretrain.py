@@ -35,11 +35,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from components import pretrain as pt
+from components import pretrained
 from components.config import Params, load_params
 from components.features import FeatureStore
+from components.retrieval import split_days
 from components.tokenizer import train_wordpiece
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +64,11 @@ def ours_step(params: Params) -> tuple[Step, dict]:
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
     store = FeatureStore(artifacts / "features")
     products = products[products.product_id.isin(store.row_of)]
-    tokenizer = train_wordpiece(
-        pt.training_texts(products, impressions, params.split.test_days), cfg.vocab_size
-    )
+    if cfg.init_from:  # the pretrained backbone's own vocabulary
+        tokenizer = BertTokenizerFast.from_pretrained(pretrained.resolve(cfg.init_from))
+    else:
+        texts = pt.training_texts(products, split_days(impressions, params.split).train)
+        tokenizer = train_wordpiece(texts, cfg.vocab_size)
     train_ids, _ = pt.split_products(list(products.product_id), cfg.eval_share, cfg.seed)
     titles = products.set_index("product_id")["title"].astype(str)
     data = pt._dataset(train_ids, titles, store, params.model, tokenizer, cfg)
@@ -104,6 +108,12 @@ def ours_step(params: Params) -> tuple[Step, dict]:
         for i in range(min(n_batches, 50))
     ]
     info = {
+        "sizes": {
+            "hidden_size": cfg_out.hidden_size,
+            "num_hidden_layers": cfg_out.num_hidden_layers,
+            "num_attention_heads": cfg_out.num_attention_heads,
+            "intermediate_size": cfg_out.intermediate_size,
+        },
         "vocab_size": cfg_out.vocab_size,
         "seq_len": int(np.median(widths)) + cfg_out.n_image_tokens,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -112,16 +122,14 @@ def ours_step(params: Params) -> tuple[Step, dict]:
     return step, info
 
 
-def bare_step(params: Params, vocab_size: int, seq_len: int) -> tuple[Step, dict]:
+def bare_step(params: Params, vocab_size: int, seq_len: int, sizes: dict) -> tuple[Step, dict]:
+    """A stock BertModel of our encoder's sizes (the pretrained backbone's, with init_from)."""
     cfg = params.pretrain
     torch.manual_seed(0)
     model = BertModel(
         BertConfig(
             vocab_size=vocab_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size,
+            **sizes,
             max_position_embeddings=seq_len,
             hidden_dropout_prob=cfg.dropout,
             attention_probs_dropout_prob=cfg.dropout,
@@ -161,7 +169,7 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def memory_worker(kind: str, steps: int, vocab_size: int, seq_len: int) -> None:
+def memory_worker(kind: str, steps: int, vocab_size: int, seq_len: int, sizes: dict) -> None:
     """Run in a subprocess: set up `kind`, run a few steps, print its memory as JSON.
 
     The peak is the kernel's high-water mark of resident memory, reset after the set-up
@@ -171,7 +179,7 @@ def memory_worker(kind: str, steps: int, vocab_size: int, seq_len: int) -> None:
     if kind == "ours":
         step, _ = ours_step(params)
     else:
-        step, _ = bare_step(params, vocab_size, seq_len)
+        step, _ = bare_step(params, vocab_size, seq_len, sizes)
     base = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
     for _ in range(steps):
@@ -180,9 +188,10 @@ def memory_worker(kind: str, steps: int, vocab_size: int, seq_len: int) -> None:
     print(json.dumps({"rss_after_setup_mb": base, "peak_rss_mb": peak, "growth_mb": peak - base}))
 
 
-def _memory(kind: str, steps: int, vocab_size: int, seq_len: int) -> dict:
+def _memory(kind: str, steps: int, vocab_size: int, seq_len: int, sizes: dict) -> dict:
     command = [sys.executable, __file__, "--memory-worker", kind, "--memory-steps", str(steps)]
     command += ["--vocab-size", str(vocab_size), "--seq-len", str(seq_len)]
+    command += ["--sizes", json.dumps(sizes)]
     out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -194,11 +203,11 @@ from components import pretrain as pt
 from components.config import load_params
 progress = Path(sys.argv[2])
 start = time.perf_counter()
-log_step = pt._log_step
+log_step = pt.log_step
 def record(step, values):
     log_step(step, values)
     progress.write_text(json.dumps({"step": step, "seconds": time.perf_counter() - start}))
-pt._log_step = record
+pt.log_step = record
 params = load_params("params.yaml", {"model.variant": "%s"})
 metrics = pt.pretrain(params, Path(sys.argv[1]), progress=False)
 progress.write_text(json.dumps({"done": True, "metrics": metrics}))
@@ -253,16 +262,19 @@ def main() -> None:
     parser.add_argument("--memory-worker", choices=("ours", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--vocab-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.chdir(ROOT)
     if args.memory_worker:
-        memory_worker(args.memory_worker, args.memory_steps, args.vocab_size, args.seq_len)
+        memory_worker(
+            args.memory_worker, args.memory_steps, args.vocab_size, args.seq_len, args.sizes
+        )
         return
 
     params = _params()
     cfg = params.pretrain
     ours, info = ours_step(params)
-    bare, bare_info = bare_step(params, info["vocab_size"], info["seq_len"])
+    bare, bare_info = bare_step(params, info["vocab_size"], info["seq_len"], info["sizes"])
     interleaved({"ours": ours, "bare": bare}, rounds=2, per_round=2)  # warm-up
     times = interleaved({"ours": ours, "bare": bare}, args.rounds, args.steps)
     collate = [0.0] * 20
@@ -273,7 +285,7 @@ def main() -> None:
 
     median = {name: float(np.median(t)) for name, t in times.items()}
     memory = {
-        name: _memory(name, args.memory_steps, info["vocab_size"], info["seq_len"])
+        name: _memory(name, args.memory_steps, info["vocab_size"], info["seq_len"], info["sizes"])
         for name in ("ours", "bare")
     }
     ratio = median["ours"] / median["bare"]
@@ -294,10 +306,8 @@ def main() -> None:
             "batch_size": cfg.batch_size,
             "seq_len": info["seq_len"],
             "text_len": cfg.max_text_len,
-            "hidden_size": cfg.hidden_size,
-            "num_layers": cfg.num_layers,
-            "num_heads": cfg.num_heads,
-            "intermediate_size": cfg.intermediate_size,
+            "init_from": cfg.init_from,
+            **info["sizes"],
             "vocab_size": info["vocab_size"],
             "parameters_ours": info["parameters"],
             "parameters_bare": bare_info["parameters"],

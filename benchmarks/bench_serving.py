@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pandas as pd
 
-from components.config import load_params
+from components.config import SplitConfig, load_params
 from components.index import HOT_FILE
 from components.retrieval import split_days
 from components.serving import MAX_QUERY_CHARS
@@ -87,12 +87,12 @@ def hot_queries(model_uri: str, artifacts: Path) -> tuple[list[str], str]:
     return json.loads(Path(path).read_text(encoding="utf-8")), source
 
 
-def tail_queries(artifacts: Path, test_days: int, hot: set[str]) -> list[str]:
+def tail_queries(artifacts: Path, split: SplitConfig, hot: set[str]) -> list[str]:
     """Distinct test-day queries the cache does not hold (the student encodes these)."""
     impressions = pd.read_parquet(
         artifacts / "validate" / "impressions.parquet", columns=["day", "query"]
     )
-    _, test = split_days(impressions, test_days)
+    test = split_days(impressions, split).test
     queries = {q.strip() for q in test["query"].astype(str)}
     return sorted(q for q in queries if q and q not in hot and len(q) <= MAX_QUERY_CHARS)
 
@@ -277,7 +277,7 @@ def main() -> None:
     artifacts = project / params.paths.artifacts_dir
     version = served_version(args.model)
     hot, hot_source = hot_queries(args.model, artifacts)
-    tail = tail_queries(artifacts, params.split.test_days, set(hot))
+    tail = tail_queries(artifacts, params.split, set(hot))
     print(
         f"model {args.model} (version {version.get('version', '?')}): "
         f"{len(hot)} hot queries, {len(tail)} tail queries"

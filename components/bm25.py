@@ -13,6 +13,7 @@ by catalogue row, lowest first, so the top-K and with it Recall@K are determinis
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import bm25s
 import numpy as np
@@ -96,3 +97,17 @@ class Bm25Retriever:
         for query, rows in zip(unique, np.split(order, bounds), strict=True):
             out[rows] = self._scores(query)[products[rows]]
         return out
+
+
+class Bm25Ranker:
+    """BM25 over a catalogue's titles as a `components.evaluator.Ranker`."""
+
+    def __init__(self, product_ids: Sequence[str], titles: list[str]) -> None:
+        self.product_ids = list(product_ids)
+        self.bm25 = Bm25Retriever().fit(titles)
+
+    def score_pairs(self, queries: list[str], rows: np.ndarray) -> np.ndarray:
+        return self.bm25.score_pairs(queries, rows)
+
+    def top_k(self, queries: list[str], k: int) -> np.ndarray:
+        return self.bm25.top_k(queries, k)[1]

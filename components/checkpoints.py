@@ -26,6 +26,7 @@ WEIGHTS = "model.safetensors"  # what save_pretrained writes for models this siz
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 _NAME = re.compile(r"step-(\d+)")
+KEEP_FINISHED = 8  # finished runs kept per stage for reuse (seeds x variants of a comparison)
 
 
 def save(
@@ -85,3 +86,21 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     float summation order in the last bit, and a resumed run would drift from an uninterrupted one.
     """
     model.load_state_dict(load_file(checkpoint / WEIGHTS))
+
+
+def replace_tree(source: Path, target: Path) -> None:
+    """Copy `source` over `target` via a sibling temporary folder and a rename."""
+    work = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(source, work)
+    shutil.rmtree(target, ignore_errors=True)
+    work.rename(target)
+
+
+def keep_finished(out_dir: Path, finished: Path, keep: int = KEEP_FINISHED) -> None:
+    """Keep a finished run's outputs under its fingerprint, so the same inputs and settings
+    again reuse it; only the `keep` most recent are kept (each is a whole model)."""
+    replace_tree(out_dir, finished)
+    runs = sorted(finished.parent.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in runs[keep:]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -286,9 +286,12 @@ def compare_variants(
     all_data: Annotated[
         bool, typer.Option("--all-data", help="Mix runs of every data version (default: current).")
     ] = False,
+    period: Annotated[
+        str, typer.Option(help="test (final figures) or val (what choices are made on).")
+    ] = "test",
     params_file: ParamsOption = PARAMS_FILE,
 ) -> None:
-    """Table of every variant's metrics (mean ± std over seeds) from the MLflow evaluate runs."""
+    """Every variant and baseline (mean ± std over seeds), whole catalogue and slices."""
     import mlflow
 
     from components import tracking
@@ -297,8 +300,8 @@ def compare_variants(
     params = load_params(params_file)
     experiment = params.tracking.experiment
     version = None if all_data else tracking.data_version()
-    comparison = compare(experiment, version)
-    typer.echo(comparison.markdown())
+    comparison = compare(experiment, version, period)
+    typer.echo(comparison.report())
     written = write(comparison, out)
     curve = out / "semantic_loss_adversarial.png"
     if plot_adversarial_curves(experiment, version, curve):

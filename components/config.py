@@ -146,7 +146,18 @@ class FeaturesConfig(_Section):
         return self.pixel_patch**2 * 3
 
 
-Variant = Literal["twinbert", "fashionbert", "cebert", "acebert", "cebert_hot", "cebert_adv"]
+Variant = Literal[
+    "twinbert",
+    "fashionbert",
+    "cebert",
+    "acebert",
+    "cebert_hot",
+    "cebert_adv",
+    # Beyond the paper, MAKE's ideas on top of acebert (docs/make.md): both, and each alone.
+    "make",
+    "acebert_ma",
+    "acebert_ke",
+]
 
 
 class ModelConfig(_Section):
@@ -168,18 +179,33 @@ class ModelConfig(_Section):
 
     @property
     def hot_queries(self) -> bool:
-        return self.variant in ("acebert", "cebert_hot")
+        return self.variant in ("acebert", "cebert_hot", *_ON_ACEBERT)
 
     @property
     def adversarial(self) -> bool:
-        return self.variant in ("acebert", "cebert_adv")
+        return self.variant in ("acebert", "cebert_adv", *_ON_ACEBERT)
+
+    @property
+    def modal_adaptation(self) -> bool:
+        """MAKE's per-product weighting of the text and image parts of the product tower."""
+        return self.variant in ("make", "acebert_ma")
+
+    @property
+    def keyword_enhancement(self) -> bool:
+        """MAKE's keyword prediction from the query embedding (an auxiliary training loss)."""
+        return self.variant in ("make", "acebert_ke")
+
+
+_ON_ACEBERT = ("make", "acebert_ma", "acebert_ke")  # everything acebert has, plus MAKE's parts
 
 
 class SplitConfig(_Section):
-    """The last `test_days` days of the click log are the test period; nothing from them trains.
-    The `train_days` before them are the training window (0: every earlier day)."""
+    """The last `test_days` days of the click log are the test period, the `val_days` before them
+    the validation period (every choice is made on it), and the `train_days` before those the
+    training window (0: every earlier day). Nothing from validation or test trains."""
 
     test_days: int = Field(default=1, ge=1)
+    val_days: int = Field(default=1, ge=0)
     train_days: int = Field(default=7, ge=0)
 
 
@@ -211,6 +237,9 @@ class PretrainConfig(_Section):
     loss_weights: LossWeights = LossWeights()
     batch_size: int = Field(default=64, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
+    # Layers the checkpoint did not provide (image projections, the three heads) learn at this
+    # rate; None: `learning_rate`.
+    head_learning_rate: float | None = Field(default=None, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_steps: int = Field(default=200, ge=0)
     epochs: int = Field(default=6, ge=1)
@@ -231,13 +260,26 @@ class PretrainConfig(_Section):
 
 
 class AdversarialConfig(_Section):
-    """Paper 3.3: the towers minimise L_main - weight * L_adv, the domain classifier L_adv."""
+    """Paper 3.3: a domain classifier against the towers (components/adversary.py)."""
 
-    weight: float = Field(default=0.1, ge=0)  # lambda
-    tower_steps: int = Field(default=5, ge=1)  # k tower steps with the classifier fixed ...
-    classifier_steps: int = Field(default=1, ge=1)  # ... then this many classifier steps
+    method: Literal["confusion", "grl", "alternating"] = "confusion"
+    weight: float = Field(default=0.1, ge=0)  # lambda (the schedule's final value)
+    schedule: Literal["constant", "dann"] = "dann"  # dann: 0 -> weight as training progresses
+    tower_steps: int = Field(default=5, ge=1)  # alternating: k tower steps, then ...
+    classifier_steps: int = Field(default=1, ge=1)  # ... this many classifier steps
     classifier_learning_rate: float = Field(default=1e-3, gt=0)
-    classifier_hidden: int = Field(default=64, ge=1)
+    classifier_hidden: int = Field(default=128, ge=1)
+    log_every: int = Field(default=10, ge=1)  # adversarial / main gradient ratio, every N steps
+
+
+class MakeConfig(_Section):
+    """MAKE's modal adaptation and keyword enhancement (docs/make.md)."""
+
+    gate_hidden: int = Field(default=64, ge=1)  # modal adaptation: the gate network's width
+    keyword_vocabulary: int = Field(default=4000, ge=1)  # title words that can be keywords
+    keywords_per_query: int = Field(default=8, ge=1)  # at most this many per training query
+    keyword_min_share: Share = Field(default=0.5, gt=0, le=1)  # of the query's clicked titles
+    keyword_weight: float = Field(default=0.5, ge=0)  # the auxiliary loss's weight
 
 
 class FinetuneConfig(_Section):
@@ -249,13 +291,24 @@ class FinetuneConfig(_Section):
     partitions: int = Field(default=20, ge=1)  # mixed negative sampling (paper 4.3)
     batch_size: int = Field(default=64, ge=2)
     learning_rate: float = Field(default=1e-3, gt=0)
+    # The towers' projections and the image projections learn at this rate; None: learning_rate.
+    head_learning_rate: float | None = Field(default=None, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_steps: int = Field(default=100, ge=0)
     epochs: int = Field(default=3, ge=1)
     max_steps: int = Field(default=0, ge=0)  # 0: run `epochs`
     grad_clip: float = Field(default=1.0, gt=0)
     checkpoint_every: int = Field(default=200, ge=1)
+    # Early stopping on the validation days: every `eval_every` steps (0: never) the towers are
+    # scored there; the best checkpoint by `select_metric` is kept, and training stops after
+    # `patience` evaluations without improvement (0: never stops early).
+    eval_every: int = Field(default=100, ge=0)
+    patience: int = Field(default=3, ge=0)
+    select_metric: Literal["gauc", "recall_at_10", "recall_at_50", "recall_at_100", "mrr"] = (
+        "recall_at_100"
+    )
     adversarial: AdversarialConfig = AdversarialConfig()
+    make: MakeConfig = MakeConfig()
     seed: int = 13
     device: str = "auto"
 
@@ -350,6 +403,19 @@ class EvaluateConfig(_Section):
     device: str = "auto"
 
 
+class BaselinesConfig(_Section):
+    """The retrievers users would pick instead, scored beside ace (components/baselines.py)."""
+
+    model: str = "all-MiniLM-L6-v2"  # sentence-transformers model: name (offline) or directory
+    max_seq_length: int = Field(default=128, ge=8)
+    batch_size: int = Field(default=64, ge=2)  # fine-tuning (in-batch negatives) and encoding
+    learning_rate: float = Field(default=5e-5, gt=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    epochs: int = Field(default=1, ge=1)
+    seed: int = 13
+    device: str = "auto"
+
+
 class TrackingConfig(_Section):
     experiment: str = "ace"
     registered_model: str = "ace"
@@ -367,17 +433,31 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     distill: DistillConfig = DistillConfig()
     index: IndexConfig = IndexConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     gate: GateConfig = GateConfig()
     append: AppendConfig = AppendConfig()
     monitor: MonitorConfig = MonitorConfig()
     retrain: RetrainConfig = RetrainConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    # A named set of overrides from `profiles`, applied over the sections above (params.yaml <
+    # profile < command-line overrides): `small` is the random-init CPU model the tests use.
+    profile: str | None = None
+    profiles: dict[str, dict] = Field(default_factory=dict)
+
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     def section(self, name: str) -> _Section:
         """The config object of one params.yaml section, by its YAML name."""
         return self.validate_ if name == "validate" else getattr(self, name)
+
+    def value(self, dotted: str) -> object:
+        """A section (as plain data) or one dotted key of it (`finetune.hot_queries`)."""
+        section, *keys = dotted.split(".")
+        node: object = self.section(section).model_dump(mode="json")
+        for key in keys:
+            node = node[key]
+        return node
 
 
 def load_params(path: Path | str = PARAMS_FILE, overrides: dict | None = None) -> Params:
@@ -389,7 +469,15 @@ def load_params(path: Path | str = PARAMS_FILE, overrides: dict | None = None) -
         raise ConfigError(f"{path}: file not found") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    for dotted, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    profile = overrides.pop("profile", raw.get("profile"))
+    if profile is not None:
+        profiles = raw.get("profiles") or {}
+        if profile not in profiles:
+            raise ConfigError(f"{path}: profile {profile!r} is not one of {sorted(profiles)}")
+        _merge(raw, profiles[profile])
+        raw["profile"] = profile
+    for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
@@ -403,6 +491,15 @@ def load_params(path: Path | str = PARAMS_FILE, overrides: dict | None = None) -
             for e in err.errors()
         )
         raise ConfigError(f"{path}: {problems}") from err
+
+
+def _merge(base: dict, changes: dict) -> None:
+    """Deep-merge `changes` into `base` (nested dicts merge, anything else replaces)."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
 
 
 class ConfigError(AceError):

@@ -32,7 +32,7 @@ from transformers import get_linear_schedule_with_warmup
 from components.backbones import resolve_device
 from components.config import Params
 from components.errors import AceError
-from components.evaluate import metric_name
+from components.evaluator import EmbeddingRanker, period_evaluators
 from components.features import FeatureStore
 from components.index import build_index
 from components.modeling import AceBertForRetrieval
@@ -47,11 +47,12 @@ from components.retrieval import (
     split_days,
     trim,
 )
-from components.retrieval_metrics import ranking_metrics, relevant_sets
 
 STUDENT_DIR = "student"
 SUMMARY = "distill_summary.json"
 _LAYER_KEY = "ce_bert.bert.encoder.layer."
+# The whole-catalogue figures reported for teacher and student (slices stay with evaluate).
+REPORTED = ("gauc", "recall_at_10", "recall_at_50", "recall_at_100", "mrr", "ndcg_at_10")
 
 
 def kept_layers(teacher_layers: int, student_layers: int) -> list[int]:
@@ -94,7 +95,8 @@ def distill(params: Params, out_dir: Path, progress: bool = True) -> dict[str, f
 
     products = pd.read_parquet(artifacts / "validate" / "products.parquet")
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
-    train, test = split_days(impressions, params.split.test_days, params.split.train_days)
+    periods = split_days(impressions, params.split)
+    train = periods.train
     hot = json.loads((teacher_dir / HOT_QUERIES_FILE).read_text(encoding="utf-8"))
     store = FeatureStore(artifacts / "features")
     catalogue = Catalogue.build(
@@ -113,6 +115,7 @@ def distill(params: Params, out_dir: Path, progress: bool = True) -> dict[str, f
     if cfg.include_titles:
         texts += catalogue.titles
     max_len = params.finetune.max_query_len
+    batch = params.evaluate.batch_size
     ids = encode_texts(tokenizer, texts, max_len)
     targets = torch.from_numpy(
         embed_queries(teacher, tokenizer, texts, max_len, params.evaluate.batch_size, device)
@@ -153,21 +156,20 @@ def distill(params: Params, out_dir: Path, progress: bool = True) -> dict[str, f
     bar.close()
     student.eval()
 
-    # Recall on the test days against the teacher's product embeddings: teacher vs student.
-    index_of = catalogue.index_of()
-    kept = test[test["product_id"].isin(index_of)]
-    queries, relevant = relevant_sets(kept, None, index_of)
-    depth = max(params.evaluate.ks)
-    served_index = build_index(product_emb, params.index)  # both ranked the way they would serve
+    # Recall on the test days against the teacher's product embeddings, both ranked the way they
+    # would serve (through an index of the served type): the ratio is the cost of compression.
+    evaluator = period_evaluators(params, periods, catalogue.product_ids)["test"]
+    served_index = build_index(product_emb, params.index)
     metrics: dict[str, float] = {}
     for name, model in (("teacher", teacher), ("student", student)):
-        emb = embed_queries(model, tokenizer, queries, max_len, params.evaluate.batch_size, device)
-        top = served_index.search(np.ascontiguousarray(emb), min(depth, len(catalogue)))[1]
-        ranking = ranking_metrics(top, relevant, params.evaluate.ks, catalog_size=len(catalogue))
-        for key, value in ranking.items():
-            if key != "n_queries":
-                metrics[f"{name}_{metric_name(key)}"] = value
-    recall = metric_name(f"recall@{depth}")
+
+        def encode(queries: list[str], model: AceBertForRetrieval = model) -> np.ndarray:
+            return embed_queries(model, tokenizer, queries, max_len, batch, device)
+
+        ranker = EmbeddingRanker(catalogue.product_ids, product_emb, encode, served_index)
+        figures = evaluator(ranker, exact=False)
+        metrics.update({f"{name}_{k}": v for k, v in figures.items() if k in REPORTED})
+    recall = f"recall_at_{max(params.evaluate.ks)}"
     metrics[f"student_over_teacher_{recall}"] = (
         metrics[f"student_{recall}"] / metrics[f"teacher_{recall}"]
         if metrics[f"teacher_{recall}"]

@@ -1,14 +1,16 @@
-"""Offline evaluation on the test days: GAUC, Recall@K, MRR, nDCG@10, for the model and BM25.
+"""Offline evaluation of the fine-tuned towers, beside the baselines, on the same rows.
 
-The model's Recall@K, MRR and nDCG come from its top-K through the FAISS index of `index.type`
-(what the served retriever answers from); the same figures through exact search over the whole
-catalogue are reported as `exact_*`.
+One `RetrievalEvaluator` (components/evaluator.py, BRIEF.md's metric definitions) scores the
+towers on the test days (the headline figures) and on the validation days (`val_*`, what every
+choice is made on). Recall@K, MRR and nDCG rank through a FAISS index of `index.type` (what the
+served retriever answers from); the same figures through exact search are `exact_*`. The image,
+text and cold-start slices are reported beside them (`image_*`, `text_*`, `cold_*`).
 
-The metric definitions are BRIEF.md's, implemented in components/retrieval_metrics.py. The
-catalogue is every product with a stored image (what the towers can retrieve); test impressions
-of other products are dropped and counted (`test_rows_without_image`). BM25 over the same
-catalogue's titles is evaluated the same way, as the paper's term-matching "traditional"
-retrieval; it reads the title only (no hot queries: those come from the model's side).
+The catalogue is every product with a stored image (what the towers can retrieve); impressions of
+other products are dropped and counted (`test_rows_without_image`). The baselines stage's
+figures (BM25 and the sentence-transformers models, measured by the same evaluator) are copied
+in with their prefixes after checking they were measured on exactly these test rows, so one
+metrics file and one MLflow run hold the whole comparison.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from components import contract
 from components.backbones import resolve_device
-from components.bm25 import Bm25Retriever
+from components.baselines import LABELS, RESULTS_FILE
 from components.config import Params
+from components.errors import DataError
+from components.evaluator import PERIOD_PREFIX, EmbeddingRanker, period_evaluators, prefixed
 from components.features import FeatureStore
 from components.index import build_index
 from components.plot_data import RECALL, write_recall_curves
@@ -34,18 +39,14 @@ from components.retrieval import (
     embed_products,
     embed_queries,
     load_retriever,
+    product_modality_weights,
     split_days,
 )
-from components.retrieval_metrics import exact_top_k, gauc, ranking_metrics, relevant_sets
 
 METRICS_FILE = "metrics.json"
 RECALL_CURVE = "recall_curve.png"
 EMBEDDING_MAP = "embedding_map.png"
-
-
-def metric_name(key: str) -> str:
-    """MLflow metric names allow no '@': recall@10 -> recall_at_10."""
-    return key.replace("@", "_at_")
+WEIGHTS = "modality_weights.png"  # modal adaptation's image weights (MAKE variants)
 
 
 def evaluate_retriever(params: Params, out_dir: Path, progress: bool = True) -> dict[str, float]:
@@ -60,66 +61,50 @@ def evaluate_retriever(params: Params, out_dir: Path, progress: bool = True) -> 
     products = pd.read_parquet(artifacts / "validate" / "products.parquet")
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
     store = FeatureStore(artifacts / "features")
-    _, test = split_days(impressions, params.split.test_days, params.split.train_days)
+    periods = split_days(impressions, params.split)
     catalogue = Catalogue.build(
         products, store, params.model, tokenizer, hot, params.finetune.max_product_text_len
     )
-    index_of = catalogue.index_of()
-    kept = test[test["product_id"].isin(index_of)].reset_index(drop=True)
-
     product_emb = embed_products(model, catalogue, cfg.batch_size, device, progress)
-    queries = sorted(kept["query"].unique())
-    query_emb = embed_queries(
-        model, tokenizer, queries, params.finetune.max_query_len, cfg.batch_size, device
-    )
-    query_row = {q: i for i, q in enumerate(queries)}
-    rows_q = kept["query"].map(query_row).to_numpy()
-    rows_p = kept["product_id"].map(index_of).to_numpy()
+    max_len = params.finetune.max_query_len
 
-    bm25 = Bm25Retriever().fit(catalogue.titles)
-    max_k = max(cfg.ks)
-    scored = {
-        "": (query_emb[rows_q] * product_emb[rows_p]).sum(1),
-        "bm25_": bm25.score_pairs(list(kept["query"]), rows_p),
-    }
-    ranked_queries, relevant = relevant_sets(kept, None, index_of)
-    chosen = np.ascontiguousarray(query_emb[[query_row[q] for q in ranked_queries]])
-    # The headline figures rank through the index the retriever serves from (paper 4.7's ANN);
-    # `exact_` ones through the whole catalogue, so the index's cost in recall is visible.
-    served_index = build_index(product_emb, params.index)
-    rankings = {
-        "": served_index.search(chosen, min(max_k, len(catalogue)))[1],
-        "exact_": exact_top_k(chosen, product_emb, max_k)[1],
-        "bm25_": bm25.top_k(ranked_queries, max_k)[1],
-    }
+    def encode(queries: list[str]) -> np.ndarray:
+        return embed_queries(model, tokenizer, queries, max_len, cfg.batch_size, device)
+
+    ranker = EmbeddingRanker(
+        catalogue.product_ids, product_emb, encode, build_index(product_emb, params.index)
+    )
+    evaluators = period_evaluators(params, periods, catalogue.product_ids)
     metrics: dict[str, float] = {}
-    curves = {}
-    for prefix, scores in scored.items():
-        value, n_queries = gauc(kept, scores)
-        metrics[f"{prefix}gauc"] = value
-        metrics["gauc_queries"] = float(n_queries)
-    for prefix, top in rankings.items():
-        ranking = ranking_metrics(top, relevant, ks=cfg.ks, catalog_size=len(catalogue))
-        for key, value in ranking.items():
-            if key != "n_queries":
-                metrics[metric_name(f"{prefix}{key}")] = value
-        if prefix != "exact_":
-            curves[prefix] = recall_curve(top, relevant, max_k)
-        metrics["recall_queries"] = float(ranking["n_queries"])
-    metrics["test_rows"] = float(len(kept))
-    metrics["test_rows_without_image"] = float(len(test) - len(kept))
+    for period, evaluator in evaluators.items():
+        metrics.update(prefixed(evaluator(ranker), PERIOD_PREFIX[period]))
+    test = evaluators["test"]
+    metrics["test_rows_without_image"] = float(test.rows_dropped)
     metrics["n_products"] = float(len(catalogue))
+    model_curve = test.recall_curve(ranker)
+    curves = {f"ace {params.model.variant} ({params.index.type} index)": model_curve}
+    recall_files = {"model": model_curve}  # by file name: the same in every experiment
+    baselines = _baseline_results(artifacts, test.digest)
+    if baselines is not None:
+        metrics.update({k: v for k, v in baselines["metrics"].items() if not k.startswith("val_")})
+        for name, curve in baselines["recall_curves"].items():
+            curves[LABELS.get(name, name)] = np.asarray(curve)
+            recall_files[name] = np.asarray(curve)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    weights = product_modality_weights(model, catalogue, cfg.batch_size, device)
+    if weights is not None:
+        metrics.update(modality_diagnostics(weights[:, 1], catalogue, params.paths.data_dir))
+        plot_modality_weights(weights[:, 1], catalogue, params.paths.data_dir, out_dir / WEIGHTS)
     np.save(out_dir / PRODUCT_EMBEDDINGS, product_emb)
     (out_dir / PRODUCT_IDS).write_text(json.dumps(catalogue.product_ids) + "\n", encoding="utf-8")
-    legend = {prefix or f"model ({params.index.type} index)": c for prefix, c in curves.items()}
-    plot_recall_curves(legend, params.model.variant, out_dir / RECALL_CURVE)
-    write_recall_curves(curves, params.paths.plots_dir / RECALL)  # for `dvc plots`
-    query_categories = _query_categories(kept, catalogue)
+    plot_recall_curves(curves, params.model.variant, out_dir / RECALL_CURVE)
+    write_recall_curves(recall_files, params.paths.plots_dir / RECALL)  # for `dvc plots`
+    queries = sorted(periods.test["query"].unique())
+    query_categories = _query_categories(test.impressions, catalogue)
     plot_embedding_map(
-        query_emb,
+        ranker.embed(queries),
         [query_categories.get(q) for q in queries],
         product_emb,
         list(catalogue.categories),
@@ -133,14 +118,70 @@ def evaluate_retriever(params: Params, out_dir: Path, progress: bool = True) -> 
     return metrics
 
 
-def recall_curve(top: np.ndarray, relevant: list[np.ndarray], max_k: int) -> np.ndarray:
-    """Mean Recall@k for k = 1..max_k."""
-    curve = np.zeros(max_k)
-    for ranking, truth in zip(top, relevant, strict=True):
-        hits = np.isin(ranking[:max_k], truth).astype(float)
-        curve[: len(hits)] += np.cumsum(hits) / len(truth)
-        curve[len(hits) :] += hits.sum() / len(truth)
-    return curve / max(1, len(relevant))
+def _title_tells(catalogue: Catalogue, data_dir: Path) -> np.ndarray | None:
+    """Per catalogue product: does its title state its true colour and pattern? (the world's
+    hidden truth, diagnostics only; None without it)."""
+    path = Path(data_dir) / contract.TRUTH_DIR / "products.parquet"
+    if not path.exists():
+        return None
+    truth = pd.read_parquet(path).set_index("product_id").reindex(catalogue.product_ids)
+    right = (truth["title_color"] == truth["color"]) & (truth["title_pattern"] == truth["pattern"])
+    return right.to_numpy()
+
+
+def modality_diagnostics(
+    image_weight: np.ndarray, catalogue: Catalogue, data_dir: Path
+) -> dict[str, float]:
+    """Modal adaptation's image weight, overall and where the title does or does not tell the
+    colour and pattern: MAKE's gate should lean on the image where the title fails."""
+    out = {"ma_image_weight_mean": float(image_weight.mean())}
+    tells = _title_tells(catalogue, data_dir)
+    if tells is not None and tells.any() and (~tells).any():
+        out["ma_image_weight_title_right"] = float(image_weight[tells].mean())
+        out["ma_image_weight_title_wrong"] = float(image_weight[~tells].mean())
+    return out
+
+
+def plot_modality_weights(
+    image_weight: np.ndarray, catalogue: Catalogue, data_dir: Path, path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tells = _title_tells(catalogue, data_dir)
+    groups = (
+        {"all products": image_weight}
+        if tells is None
+        else {
+            "title states colour and pattern": image_weight[tells],
+            "title omits or misstates them": image_weight[~tells],
+        }
+    )
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name, values in groups.items():
+        ax.hist(values, bins=40, range=(0, 1), alpha=0.6, density=True, label=name)
+    ax.set_xlabel("image weight of modal adaptation")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _baseline_results(artifacts: Path, test_digest: str) -> dict | None:
+    """The baselines stage's results, refused when measured on other test rows."""
+    path = artifacts / "baselines" / RESULTS_FILE
+    if not path.exists():
+        return None
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if results["rows_digest"].get("test") != test_digest:
+        raise DataError(
+            f"{path}: the baselines were measured on other test rows than these (re-run the "
+            "baselines stage)"
+        )
+    return results
 
 
 def _query_categories(test: pd.DataFrame, catalogue: Catalogue) -> dict[str, str]:

@@ -19,14 +19,18 @@ Where the paper is vague, this is what we chose:
   batch therefore holds runs of same-category products: hard negatives. Fewer partitions mean
   longer runs and more of them; the share of a batch's negatives with the positive's category
   is measured every epoch (`same_category_negative_share`) and documented in docs/finetune.md.
-- Adversarial learning (3.3), for `acebert` and `cebert_adv`: every tower step minimises
-  L_main - weight * L_adv with the domain classifier's weights fixed (not trainable); after every
-  `tower_steps` tower steps the classifier takes `classifier_steps` steps on the query and product
-  embeddings of those tower steps (detached: the towers are fixed), with its own optimiser. The
-  embeddings it learns from are up to `tower_steps` updates old; re-encoding them would double the
-  cost of training.
-- Each tower reads the pooled [CLS] through its own projection (modeling.AceBertForRetrieval);
-  the encoder weights are shared, as the paper's two CE-BERTs share parameters.
+- Adversarial learning (3.3), for `acebert` and `cebert_adv`: components/adversary.py (the
+  classifier learns from detached embeddings with its own optimiser; the towers add its
+  `method`'s term, non-saturating domain confusion by default, weighted by a lambda that ramps up
+  over training). Instruments: the adversarial / main gradient ratio at the embeddings (every
+  `log_every` steps), and at every validation the held-out classifier's accuracy and AUC, the
+  distance between the query and product centroids and a fresh linear probe's accuracy.
+- Early stopping (4.4.1 "either early stop"): every `eval_every` steps the towers are scored on
+  the validation days by the one evaluator (exact search); the best checkpoint by
+  `select_metric` is kept and training stops after `patience` evaluations without improvement.
+- Each tower mean-pools the encoder's states through its own projection
+  (modeling.AceBertForRetrieval), both projections starting equal; the encoder weights are
+  shared, as the paper's two CE-BERTs share parameters.
 - Optimiser: AdamW with linear warm-up and decay for the towers; Adam for the classifier.
   Checkpoints hold both (and are written only between adversarial rounds), so a killed run
   resumes on the same trajectory; every random draw is a function of (seed, epoch, step).
@@ -40,10 +44,8 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -52,69 +54,51 @@ from tqdm import tqdm
 from transformers import BertTokenizerFast, get_linear_schedule_with_warmup
 
 from components import checkpoints
+from components.adversary import Adversary, balanced_accuracy
 from components.backbones import resolve_device
 from components.config import FinetuneConfig, ModelConfig, Params
 from components.errors import AceError, DataError
+from components.evaluator import EmbeddingRanker, RetrievalEvaluator, period_evaluators
 from components.features import FeatureStore
+from components.keywords import query_keywords
+from components.keywords import targets as keyword_targets
 from components.modeling import (
     AceBertForRetrieval,
     CeBertConfig,
     CeBertModel,
     domain_loss,
+    is_new_layer,
     semantic_matching_loss,
 )
 from components.plots import plot_history
 from components.retrieval import (
     HOT_QUERIES_FILE,
     Catalogue,
+    ClickPairs,
+    click_pairs,
+    embed_products,
+    embed_queries,
     encode_texts,
     hot_queries,
-    product_text,
+    leave_one_out_texts,
     split_days,
     trim,
 )
+from components.training import check_schedule, log_step, parameter_groups, step_seed
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
+FINISHED_DIR = "finished"  # under the work folder: one finished run per fingerprint
+BEST_DIR = "best"  # under the checkpoints: the weights of the best validation so far
 HISTORY = "history.json"
 CURVE = "training_curve.png"
 SUMMARY = "finetune_summary.json"
+KEYWORDS_FILE = "keywords.json"
 _FINAL_WINDOW = 50
 
-_EPOCH, _DROPOUT = 1, 2  # random streams: np.random.default_rng([seed, stream, ...])
-
-
-@dataclass(frozen=True)
-class ClickPairs:
-    """Distinct (query, product) training pairs: query index into `queries`, catalogue row."""
-
-    queries: list[str]
-    query: np.ndarray
-    product: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.query)
-
-    def keys(self, n_products: int) -> np.ndarray:
-        """One int64 per pair, sorted: what `also_positive` looks pairs up in."""
-        return np.sort(self.query.astype(np.int64) * n_products + self.product)
-
-
-def click_pairs(train_impressions: pd.DataFrame, index_of: dict[str, int]) -> ClickPairs:
-    clicked = train_impressions[train_impressions["clicked"] == 1]
-    clicked = clicked[clicked["product_id"].isin(index_of)]
-    pairs = clicked[["query", "product_id"]].drop_duplicates().sort_values(["query", "product_id"])
-    if pairs.empty:
-        raise DataError("no clicked (query, product) pair in the training days: nothing to learn")
-    queries = sorted(pairs["query"].unique())
-    query_index = {q: i for i, q in enumerate(queries)}
-    return ClickPairs(
-        queries=queries,
-        query=pairs["query"].map(query_index).to_numpy(np.int64),
-        product=pairs["product_id"].map(index_of).to_numpy(np.int64),
-    )
+_EPOCH, _DROPOUT, _PROBE = 1, 2, 3  # random streams: np.random.default_rng([seed, stream, ...])
 
 
 def mixed_negative_batches(
@@ -153,22 +137,6 @@ def also_positive(
     return torch.from_numpy(keys[found] == grid)
 
 
-def leave_one_out_texts(
-    catalogue: Catalogue,
-    hot: dict[str, list[str]],
-    products: np.ndarray,
-    queries: list[str],
-    sep: str,
-) -> list[str]:
-    """Product-side texts of training pairs: each product's hot queries without the pair's own."""
-    texts = []
-    for row, query in zip(products, queries, strict=True):
-        pid = catalogue.product_ids[row]
-        others = [h for h in hot.get(pid, []) if h != query]
-        texts.append(product_text(catalogue.titles[row], others, sep))
-    return texts
-
-
 def finetune(
     params: Params, out_dir: Path, progress: bool = True, work_dir: Path | None = None
 ) -> dict[str, float]:
@@ -189,16 +157,28 @@ def finetune(
     products = pd.read_parquet(artifacts / "validate" / "products.parquet")
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
     store = FeatureStore(artifacts / "features")
-    train_days, _ = split_days(impressions, params.split.test_days, params.split.train_days)
-    hot = hot_queries(train_days, cfg.hot_queries) if model_cfg.hot_queries else {}
+    periods = split_days(impressions, params.split)
+    hot = hot_queries(periods.train, cfg.hot_queries) if model_cfg.hot_queries else {}
 
     tokenizer = BertTokenizerFast.from_pretrained(pretrained)
     config = _retrieval_config(pretrained, model_cfg, cfg)
+    keyword_vocabulary, keywords = [], {}
+    if model_cfg.keyword_enhancement:
+        titles = dict(zip(products["product_id"], products["title"].astype(str), strict=True))
+        keyword_vocabulary, keywords = query_keywords(periods.train, titles, cfg.make)
+        config.n_keywords = len(keyword_vocabulary)
     catalogue = Catalogue.build(
         products, store, model_cfg, tokenizer, hot, cfg.max_product_text_len
     )
-    pairs = click_pairs(train_days, catalogue.index_of())
-    fingerprint = _fingerprint(params, pretrained, pairs, catalogue)
+    pairs = click_pairs(periods.train, catalogue.index_of())
+    validation = period_evaluators(params, periods, catalogue.product_ids).get("val")
+    fingerprint = _fingerprint(params, pretrained, pairs, catalogue, validation)
+    finished = work_dir / FINISHED_DIR / fingerprint
+    if (finished / MODEL_DIR / SUMMARY).exists():
+        log.info("fine-tuning of these inputs and settings already finished: reusing %s", finished)
+        checkpoints.replace_tree(finished, out_dir)
+        summary = json.loads((out_dir / MODEL_DIR / SUMMARY).read_text(encoding="utf-8"))
+        return {**summary["metrics"], "reused": 1.0, "seconds": time.perf_counter() - start}
 
     checkpoint_root = work_dir / CHECKPOINTS_DIR
     checkpoint = checkpoints.latest(checkpoint_root, fingerprint)
@@ -213,25 +193,41 @@ def finetune(
     model.to(device)
 
     query_ids = encode_texts(tokenizer, pairs.queries, cfg.max_query_len)
-    trainer = _Trainer(model, tokenizer, catalogue, pairs, query_ids, params, device, hot)
+    trainer = _Trainer(
+        model, tokenizer, catalogue, pairs, query_ids, params, device, hot, validation
+    )
+    if keywords:
+        trainer.keyword_targets = torch.from_numpy(
+            keyword_targets(pairs.queries, keywords, len(keyword_vocabulary))
+        )
     trainer.checkpoint_root, trainer.fingerprint = checkpoint_root, fingerprint
     if checkpoint is not None:
         trainer.resume(checkpoint)
         log.info("resuming fine-tuning at step %d from %s", trainer.first_step, checkpoint)
     trainer.run(progress)
+    best_step = trainer.restore_best()
 
     model_dir = out_dir / MODEL_DIR
     shutil.rmtree(model_dir, ignore_errors=True)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     (model_dir / HOT_QUERIES_FILE).write_text(json.dumps(hot) + "\n", encoding="utf-8")
+    if keywords:  # what the keyword head predicts, for inspection
+        examples = {q: [keyword_vocabulary[i] for i in kw] for q, kw in keywords.items()}
+        payload = {"vocabulary": keyword_vocabulary, "queries": examples}
+        (model_dir / KEYWORDS_FILE).write_text(json.dumps(payload) + "\n", encoding="utf-8")
     (out_dir / HISTORY).write_text(json.dumps(trainer.history) + "\n", encoding="utf-8")
     keys = ["main_loss"] + (["adv_loss", "classifier_loss"] if model_cfg.adversarial else [])
-    plot_history(trainer.history, keys, out_dir / CURVE)
+    keys += ["keyword_loss"] if keywords else []
+    # The paper's Fig. 6 (the semantic-matching loss) beside the adversary's instruments.
+    instruments = [f"val_{cfg.select_metric}", "val_centroid_gap", "val_probe_accuracy"]
+    if model_cfg.adversarial:
+        instruments += ["adv_grad_ratio", "val_classifier_accuracy"]
+    plot_history(trainer.history, keys + instruments, out_dir / CURVE)
 
     metrics = {
         f"final_{key}": float(np.mean(values[-_FINAL_WINDOW:]))
-        for key in keys
+        for key in [*keys, "adv_grad_ratio", "classifier_accuracy"]
         if (values := [h[key] for h in trainer.history if key in h])
     }
     metrics.update(
@@ -241,10 +237,19 @@ def finetune(
         n_train_queries=float(len(pairs.queries)),
         n_products=float(len(catalogue)),
         products_with_hot_queries=float(sum(pid in hot for pid in catalogue.product_ids)),
+        queries_with_keywords=float(len(keywords)),
         same_category_negative_share=float(np.mean(trainer.shares)) if trainer.shares else 0.0,
         samples_per_second=trainer.samples / trainer.seconds if trainer.seconds else 0.0,
         seconds=time.perf_counter() - start,
     )
+    if best_step is not None:
+        best = dict(trainer.history[best_step - 1])
+        metrics.update(
+            best_step=float(best_step),
+            stopped_early=float(trainer.stopped_at is not None),
+            steps_trained=float(trainer.stopped_at or trainer.total_steps),
+            **{k: v for k, v in best.items() if k.startswith("val_")},
+        )
     summary = {
         "variant": model_cfg.variant,
         "hot_queries": model_cfg.hot_queries,
@@ -254,6 +259,7 @@ def finetune(
         "metrics": metrics,
     }
     (model_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    checkpoints.keep_finished(out_dir, finished)
     shutil.rmtree(checkpoint_root, ignore_errors=True)
     return metrics
 
@@ -284,6 +290,8 @@ def _retrieval_config(
         )
     config.embedding_dim = cfg.embedding_dim
     config.classifier_hidden = cfg.adversarial.classifier_hidden
+    config.modal_adaptation = model_cfg.modal_adaptation
+    config.modal_gate_hidden = cfg.make.gate_hidden
     return config
 
 
@@ -298,9 +306,12 @@ class _Trainer:
         params: Params,
         device: torch.device,
         hot: dict[str, list[str]] | None = None,
+        validation: RetrievalEvaluator | None = None,
     ) -> None:
         cfg = params.finetune
         self.hot = hot or {}
+        self.validation = validation if cfg.eval_every else None
+        self.eval_batch = params.evaluate.batch_size
         self.model, self.tokenizer, self.catalogue, self.pairs = model, tokenizer, catalogue, pairs
         self.query_ids, self.cfg, self.device = query_ids, cfg, device
         self.adversarial = params.model.adversarial
@@ -308,19 +319,21 @@ class _Trainer:
         self.keys = pairs.keys(len(catalogue))
         self.steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        towers = model.tower_parameters()
-        decay = [p for p in towers if p.ndim >= 2]
-        no_decay = [p for p in towers if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
-            lr=cfg.learning_rate,
-            weight_decay=0.0,
+        groups = parameter_groups(
+            model,
+            cfg.learning_rate,
+            cfg.head_learning_rate,
+            cfg.weight_decay,
+            is_new_layer,
+            skip=lambda name: name.startswith("domain_classifier."),
         )
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, cfg.warmup_steps, self.total_steps
-        )
-        self.classifier_optimizer = torch.optim.Adam(
-            model.domain_classifier.parameters(), lr=cfg.adversarial.classifier_learning_rate
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+        warmup = check_schedule("finetune", cfg.warmup_steps, self.total_steps)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+        self.adversary = (
+            Adversary(model.domain_classifier, cfg.adversarial, self.total_steps)
+            if self.adversarial
+            else None
         )
         self.first_step = 0
         self.history: list[dict[str, float]] = []
@@ -328,7 +341,8 @@ class _Trainer:
         self.samples, self.seconds = 0, 0.0
         self.checkpoint_root: Path | None = None
         self.fingerprint = ""
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.stopped_at: int | None = None  # the step early stopping ended the run at
+        self.keyword_targets: torch.Tensor | None = None  # (training queries, keywords): MAKE
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.cfg.seed, _EPOCH, epoch])
@@ -344,7 +358,8 @@ class _Trainer:
         p_batch = self.catalogue.inputs(product)
         if self.hot:
             texts = leave_one_out_texts(
-                self.catalogue,
+                self.catalogue.product_ids,
+                self.catalogue.titles,
                 self.hot,
                 product,
                 [self.pairs.queries[i] for i in query],
@@ -352,20 +367,26 @@ class _Trainer:
             )
             ids = encode_texts(self.tokenizer, texts, cfg.max_product_text_len)
             p_batch["input_ids"], p_batch["attention_mask"] = trim(ids, self.tokenizer.pad_token_id)
-        torch.manual_seed(_step_seed(cfg.seed, step))  # dropout: resumable without RNG state
+        torch.manual_seed(step_seed(cfg.seed, _DROPOUT, step))  # dropout, resumable
         q = model.encode_queries(q_ids.to(self.device), q_mask.to(self.device))
         p = model.encode_products(**{k: v.to(self.device) for k, v in p_batch.items()})
         positives = also_positive(query, product, self.keys, len(self.catalogue)).to(self.device)
         main = semantic_matching_loss(q, p, cfg.gamma, positives)
         record = {"main_loss": main.item()}
         loss = main
-        if self.adversarial:
-            model.domain_classifier.requires_grad_(False)
-            adv = domain_loss(model.domain_classifier, q, p)
-            model.domain_classifier.requires_grad_(True)
-            loss = main - cfg.adversarial.weight * adv
-            record["adv_loss"] = adv.item()
-            self._pending.append((q.detach(), p.detach()))
+        if self.keyword_targets is not None:
+            keyword = model.keyword_loss(q, self.keyword_targets[query].to(self.device))
+            loss = loss + cfg.make.keyword_weight * keyword
+            record["keyword_loss"] = keyword.item()
+        if self.adversary is not None:
+            term = self.adversary.tower_loss(q, p, step)
+            loss = main + term
+            with torch.no_grad():
+                record["adv_loss"] = domain_loss(model.domain_classifier, q, p).item()
+            record["adv_weight"] = self.adversary.weight(step)
+            if step % cfg.adversarial.log_every == 0:
+                record["adv_grad_ratio"] = gradient_ratio(term, main, (q, p))
+            self.adversary.observe(q, p)
         loss.backward()
         nn.utils.clip_grad_norm_(model.tower_parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -375,28 +396,67 @@ class _Trainer:
         record["lr"] = self.scheduler.get_last_lr()[0]
         return record
 
-    def classifier_steps(self) -> dict[str, float]:
-        """The classifier learns from the last tower steps' embeddings; the towers stay fixed."""
-        queries = torch.cat([q for q, _ in self._pending])
-        products = torch.cat([p for _, p in self._pending])
-        self._pending.clear()
-        classifier = self.model.domain_classifier
-        for _ in range(self.cfg.adversarial.classifier_steps):
-            loss = domain_loss(classifier, queries, products)
-            loss.backward()
-            self.classifier_optimizer.step()
-            self.classifier_optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            logits = classifier(torch.cat([queries, products])).squeeze(-1)
-            truth = torch.cat([torch.ones(len(queries)), torch.zeros(len(products))])
-            accuracy = ((logits > 0).float().cpu() == truth).float().mean().item()
-        return {"classifier_loss": loss.item(), "classifier_accuracy": accuracy}
+    @property
+    def best_dir(self) -> Path:
+        assert self.checkpoint_root is not None
+        return self.checkpoint_root / BEST_DIR
+
+    def validate(self, step: int) -> dict[str, float]:
+        """The towers on the validation days (exact search); the best so far is saved aside."""
+        assert self.validation is not None
+        model, tokenizer, cfg = self.model, self.tokenizer, self.cfg
+        products = embed_products(model, self.catalogue, self.eval_batch, self.device, False)
+
+        def encode(queries: list[str]) -> np.ndarray:
+            return embed_queries(
+                model, tokenizer, queries, cfg.max_query_len, self.eval_batch, self.device
+            )
+
+        ranker = EmbeddingRanker(self.catalogue.product_ids, products, encode)
+        figures = self.validation(ranker, exact=False)
+        record = {f"val_{k}": v for k, v in figures.items() if not k.endswith(("queries", "rows"))}
+        queries = ranker.embed(self.validation.queries)
+        record.update(modality_gap(queries, products, cfg.seed))
+        if self.adversary is not None:
+            record.update(held_out_classifier(model.domain_classifier, queries, products))
+        best = self.best()
+        if best is None or record[f"val_{cfg.select_metric}"] > best[1]:
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+            model.save_pretrained(self.best_dir)
+        return record
+
+    def evaluations(self) -> list[tuple[int, float]]:
+        """(step, validation figure) of every evaluation so far, from the history."""
+        key = f"val_{self.cfg.select_metric}"
+        return [(int(h["step"]), h[key]) for h in self.history if key in h]
+
+    def best(self) -> tuple[int, float] | None:
+        """(step, figure) of the best evaluation so far (the earliest of equals)."""
+        done = self.evaluations()
+        return max(done, key=lambda e: (e[1], -e[0])) if done else None
+
+    def patience_spent(self) -> bool:
+        """`patience` evaluations in a row without beating the best before them."""
+        done, patience = self.evaluations(), self.cfg.patience
+        if not patience or len(done) <= patience:
+            return False
+        best_before = max(figure for _, figure in done[:-patience])
+        return all(figure <= best_before for _, figure in done[-patience:])
+
+    def restore_best(self) -> int | None:
+        """Load the best evaluation's weights into the model; its step (None: no evaluation)."""
+        best = self.best()
+        if best is None:
+            return None
+        checkpoints.load_weights(self.model, self.best_dir)
+        return best[0]
 
     def resume(self, checkpoint: Path) -> None:
         states = checkpoints.load_states(checkpoint)
         self.optimizer.load_state_dict(states["optimizer"])
         self.scheduler.load_state_dict(states["scheduler"])
-        self.classifier_optimizer.load_state_dict(states["classifier_optimizer"])
+        if self.adversary is not None:
+            self.adversary.optimizer.load_state_dict(states["classifier_optimizer"])
         state = checkpoints.read_state(checkpoint)
         self.first_step, self.history = int(state["step"]), list(state["history"])
 
@@ -405,8 +465,9 @@ class _Trainer:
         states = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "classifier_optimizer": self.classifier_optimizer.state_dict(),
         }
+        if self.adversary is not None:
+            states["classifier_optimizer"] = self.adversary.optimizer.state_dict()
         checkpoints.save(
             self.checkpoint_root,
             step,
@@ -437,8 +498,8 @@ class _Trainer:
                 self.shares.append(same_category_share(batches, self.pair_categories))
             rows = batches[index % len(batches)]
             record = self.tower_step(rows, step)
-            if self.adversarial and len(self._pending) == cfg.adversarial.tower_steps:
-                record.update(self.classifier_steps())
+            if self.adversary is not None and self.adversary.due():
+                record.update(self.adversary.classifier_steps())
             self.samples += len(rows)
             self.history.append({"step": step + 1, **record})
             log_step(step + 1, record)
@@ -447,25 +508,84 @@ class _Trainer:
                 loss=f"{record['main_loss']:.3f}", pairs_s=f"{self.samples / self.seconds:.1f}"
             )
             bar.update()
+            last = step + 1 == self.total_steps
+            if self.validation is not None and ((step + 1) % cfg.eval_every == 0 or last):
+                scored = self.validate(step + 1)
+                self.history[-1].update(scored)
+                log_step(step + 1, scored)
+                log.info(
+                    "finetune step %d/%d: validation %s %.4f",
+                    step + 1,
+                    self.total_steps,
+                    cfg.select_metric,
+                    scored[f"val_{cfg.select_metric}"],
+                )
+                self.model.train()
+                if self.patience_spent():
+                    self.stopped_at = step + 1
+                    break
             # Checkpoints fall between adversarial rounds: no embeddings are pending then.
             due = due or (step + 1) % cfg.checkpoint_every == 0
-            if due and not self._pending and step + 1 < self.total_steps:
+            pending = self.adversary is not None and self.adversary.pending
+            if due and not pending and not last:
                 self.save(step + 1)
                 due = False
         bar.close()
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, _DROPOUT, step]).generate_state(1)[0])
+def gradient_ratio(term: torch.Tensor, main: torch.Tensor, at: tuple[torch.Tensor, ...]) -> float:
+    """||d term / d embeddings|| / ||d main / d embeddings||: how much the adversary moves the
+    towers relative to the task, where both reach them."""
+    adversarial = torch.autograd.grad(term, at, retain_graph=True, allow_unused=True)
+    task = torch.autograd.grad(main, at, retain_graph=True)
+    norm = lambda grads: torch.sqrt(sum((g**2).sum() for g in grads if g is not None))  # noqa: E731
+    return float(norm(adversarial) / norm(task).clamp_min(1e-12))
 
 
-def log_step(step: int, record: dict[str, float]) -> None:
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics({f"train/{k}": v for k, v in record.items()}, step=step)
+def modality_gap(queries: np.ndarray, products: np.ndarray, seed: int) -> dict[str, float]:
+    """How far apart the two kinds of embedding lie: the distance between their centroids, and
+    the held-out balanced accuracy of a fresh linear probe telling them apart (0.5: none)."""
+    from sklearn.linear_model import LogisticRegression
+
+    gap = float(np.linalg.norm(queries.mean(0) - products.mean(0)))
+    x = np.concatenate([queries, products])
+    y = np.r_[np.ones(len(queries)), np.zeros(len(products))]
+    half = np.random.default_rng([seed, _PROBE]).random(len(x)) < 0.5
+    if len(set(y[half])) < 2 or len(set(y[~half])) < 2:
+        return {"val_centroid_gap": gap}
+    probe = LogisticRegression(class_weight="balanced", max_iter=1000).fit(x[half], y[half])
+    predicted = probe.predict(x[~half])
+    per_class = [(predicted[y[~half] == c] == c).mean() for c in (0, 1)]
+    return {"val_centroid_gap": gap, "val_probe_accuracy": float(np.mean(per_class))}
 
 
-def _fingerprint(params: Params, pretrained: Path, pairs: ClickPairs, catalogue: Catalogue) -> str:
+@torch.no_grad()
+def held_out_classifier(
+    classifier: nn.Module, queries: np.ndarray, products: np.ndarray
+) -> dict[str, float]:
+    """The domain classifier on validation embeddings it never trained on: balanced accuracy and
+    ROC AUC of telling queries from products (0.5: the towers fool it)."""
+    from sklearn.metrics import roc_auc_score
+
+    device = next(classifier.parameters()).device
+    x = torch.from_numpy(np.concatenate([queries, products])).to(device)
+    logits = classifier(x).squeeze(-1).float().cpu()
+    y = np.r_[np.ones(len(queries)), np.zeros(len(products))]
+    return {
+        "val_classifier_accuracy": balanced_accuracy(logits, len(queries)),
+        "val_classifier_auc": float(roc_auc_score(y, logits.numpy())),
+    }
+
+
+def _fingerprint(
+    params: Params,
+    pretrained: Path,
+    pairs: ClickPairs,
+    catalogue: Catalogue,
+    validation: RetrievalEvaluator | None,
+) -> str:
     digest = hashlib.md5()
+    digest.update((validation.digest if validation else "no validation").encode())
     digest.update((pretrained / checkpoints.WEIGHTS).read_bytes())
     digest.update(np.ascontiguousarray(pairs.query).tobytes())
     digest.update(np.ascontiguousarray(pairs.product).tobytes())

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -31,8 +30,8 @@ from components import tracking
 from components.config import Params
 from components.errors import DataError
 from components.evaluate import METRICS_FILE
+from components.evaluator import EmbeddingRanker, RetrievalEvaluator
 from components.retrieval import split_days
-from components.retrieval_metrics import gauc, ranking_metrics, relevant_sets
 from components.serving import Retriever, log_retriever
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
@@ -65,36 +64,30 @@ def check(
     return failed
 
 
-def evaluate_served(retriever: Retriever, test: pd.DataFrame) -> dict[str, float]:
-    """GAUC and Recall@100 of a served retriever on these impressions (exact definitions).
+def evaluate_served(retriever: Retriever, impressions: pd.DataFrame) -> dict[str, float]:
+    """GAUC and Recall@100 of a served retriever on these impressions, through its own query
+    path (hot cache, then student) and its own index, by the one evaluator.
 
     Products its index lacks (new since it was built) count against it, as a shopper would see
-    it: they score the lowest cosine, -1, in GAUC and are misses in Recall@100.
+    it: they are part of the evaluated catalogue, so they score below everything in GAUC and
+    are misses in Recall@100.
     """
-    test = test.reset_index(drop=True)
-    known = test["product_id"].isin(set(retriever.product_ids)).to_numpy()
-    scores = np.full(len(test), -1.0)
-    if known.any():
-        scores[known] = retriever.score_pairs(
-            list(test.loc[known, "query"]), list(test.loc[known, "product_id"])
-        )
-    value, _ = gauc(test, scores)
-    index_of = {pid: i for i, pid in enumerate(retriever.product_ids)}
-    catalogue = dict(index_of)
-    for pid in test.loc[~known, "product_id"].unique():
-        catalogue[pid] = len(catalogue)  # rows no search can return
-    queries, relevant = relevant_sets(test, None, catalogue)
-    depth = min(100, len(index_of))
-    found = retriever.search(queries, [depth] * len(queries))
-    top = np.array(
-        [[index_of[p] for p in ids] + [-1] * (depth - len(ids)) for ids in found["product_ids"]]
+    known = set(retriever.product_ids)
+    unknown = sorted(set(impressions["product_id"]) - known)
+    evaluator = RetrievalEvaluator(impressions, [*retriever.product_ids, *unknown], ks=(100,))
+    ranker = EmbeddingRanker(
+        retriever.product_ids,
+        retriever.product_vectors,
+        lambda queries: retriever.embed(queries)[0],
+        retriever.index,
     )
-    ranking = ranking_metrics(top, relevant, (depth,), catalog_size=len(catalogue))
-    clicked = test["clicked"].astype(bool).to_numpy()
+    figures = evaluator(ranker, exact=False)
+    clicked = impressions["clicked"].astype(bool)
+    lacking = clicked & ~impressions["product_id"].isin(known)
     return {
-        "gauc": value,
-        "recall_at_100": ranking[f"recall@{depth}"],
-        "clicks_on_products_not_indexed": float((clicked & ~known).sum() / max(1, clicked.sum())),
+        "gauc": figures["gauc"],
+        "recall_at_100": figures["recall_at_100"],
+        "clicks_on_products_not_indexed": float(lacking.sum() / max(1, clicked.sum())),
     }
 
 
@@ -119,7 +112,8 @@ def gate(params: Params, out_dir: Path) -> dict[str, float]:
         product_tower_dir=artifacts / "finetune" / "model",
     )
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
-    train, test = split_days(impressions, params.split.test_days, params.split.train_days)
+    periods = split_days(impressions, params.split)
+    train, test = periods.train, periods.test
     client = MlflowClient()
     version = mlflow.register_model(info.model_uri, name).version
     for key, value in {

@@ -113,7 +113,8 @@ def build(params: Params, out_dir: Path, progress: bool = True) -> dict[str, flo
     log.info("index: built in %.1f s; embedding the hot queries", build_seconds)
 
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
-    train, test = split_days(impressions, params.split.test_days, params.split.train_days)
+    periods = split_days(impressions, params.split)
+    train, test = periods.train, periods.test
     hot = hot_cache_queries(train, cfg.hot_traffic_share, cfg.hot_max_queries)
     max_len = params.finetune.max_query_len
     batch = params.evaluate.batch_size

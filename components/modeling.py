@@ -63,6 +63,9 @@ class CeBertConfig(BertConfig):
         classifier_hidden: int = 64,
         sep_token_id: int = 3,
         tip_pooling: str = "cls",
+        modal_adaptation: bool = False,
+        modal_gate_hidden: int = 64,
+        n_keywords: int = 0,
         **kwargs: object,
     ) -> None:
         kwargs.setdefault("type_vocab_size", 3)
@@ -80,6 +83,9 @@ class CeBertConfig(BertConfig):
         self.classifier_hidden = classifier_hidden  # ACE-BERT's domain classifier
         self.sep_token_id = sep_token_id
         self.tip_pooling = tip_pooling
+        self.modal_adaptation = modal_adaptation  # MAKE: per-product text/image weights
+        self.modal_gate_hidden = modal_gate_hidden
+        self.n_keywords = n_keywords  # MAKE: keyword-prediction head of the query tower
 
     @property
     def n_image_tokens(self) -> int:
@@ -355,7 +361,22 @@ class AceBertForRetrieval(CeBertPreTrainedModel):
             nn.ReLU(),
             nn.Linear(config.classifier_hidden, 1),
         )
+        # MAKE's modal adaptation: a gate over the product's text and image summaries.
+        self.modality_gate = (
+            nn.Sequential(
+                nn.Linear(2 * h, config.modal_gate_hidden),
+                nn.ReLU(),
+                nn.Linear(config.modal_gate_hidden, 2),
+            )
+            if config.modal_adaptation
+            else None
+        )
+        # MAKE's keyword enhancement: the query embedding predicts its clicked titles' keywords.
+        self.keyword_head = nn.Linear(d, config.n_keywords) if config.n_keywords else None
         self.post_init()
+        # The towers start as one: with a pretrained encoder, the first ranking is the
+        # backbone's own similarity instead of two unrelated random projections of it.
+        self.product_projection.load_state_dict(self.query_projection.state_dict())
 
     def encode_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         sequence, _ = self.ce_bert(input_ids, attention_mask)
@@ -369,8 +390,44 @@ class AceBertForRetrieval(CeBertPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
     ) -> torch.Tensor:
         sequence, _ = self.ce_bert(input_ids, attention_mask, patch_features, pixel_values)
-        pooled = mean_pool(sequence, attention_mask)
+        pooled, _ = self.pool_product(sequence, attention_mask)
         return F.normalize(self.product_projection(pooled), dim=-1)
+
+    def pool_product(
+        self, sequence: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pooled state, (text, image) weights or None). Without modal adaptation: the mean of
+        every real token. With it: the text tokens' mean and the image tokens' mean, mixed by
+        a softmax gate over both (MAKE), so each product weighs its title and image itself."""
+        text_len = text_mask.shape[1]
+        if self.modality_gate is None or sequence.shape[1] == text_len:
+            return mean_pool(sequence, text_mask), None
+        mask = text_mask.to(sequence.dtype).unsqueeze(-1)
+        text = (sequence[:, :text_len] * mask).sum(1) / mask.sum(1)
+        image = sequence[:, text_len:].mean(1)
+        weights = F.softmax(self.modality_gate(torch.cat([text, image], -1)), dim=-1)
+        return weights[:, :1] * text + weights[:, 1:] * image, weights
+
+    @torch.no_grad()
+    def modality_weights(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        patch_features: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """(B, 2) text and image weights of these products (None without modal adaptation)."""
+        sequence, _ = self.ce_bert(input_ids, attention_mask, patch_features, pixel_values)
+        return self.pool_product(sequence, attention_mask)[1]
+
+    def keyword_loss(self, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Multi-label cross-entropy of the query embeddings' keyword predictions (MAKE), over
+        the queries that have keywords."""
+        has = targets.sum(-1) > 0
+        if self.keyword_head is None or not has.any():
+            return queries.new_zeros(())
+        logits = self.keyword_head(queries[has])
+        return F.binary_cross_entropy_with_logits(logits, targets[has])
 
     def tower_parameters(self) -> list[nn.Parameter]:
         """Everything but the domain classifier: what the towers' optimiser updates."""
@@ -401,6 +458,18 @@ def domain_loss(
     logits = classifier(torch.cat([queries, products])).squeeze(-1)
     labels = torch.cat([torch.ones(len(queries)), torch.zeros(len(products))]).to(logits)
     return 2 * F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def is_new_layer(name: str) -> bool:
+    """Parameters outside the BERT encoder: what a text checkpoint never provides (image
+    projections, heads, the towers' projections), so they learn at a rate of their own."""
+    return not name.startswith("ce_bert.bert.")
+
+
+def confusion_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the domain classifier's outputs against 1/2 (Tzeng et al. 2015): minimal
+    when it cannot tell queries from products. Non-saturating: d/dz = sigmoid(z) - 1/2."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, 0.5))
 
 
 def init_text_encoder_from(model: CeBertPreTrainedModel, name_or_path: str | Path) -> list[str]:

@@ -51,18 +51,13 @@ def write_training_curves(
     return written
 
 
-def curve_name(prefix: str) -> str:
-    """A metric prefix as a file name: '' -> 'model', 'bm25_' -> 'bm25'."""
-    return prefix.rstrip("_") or "model"
-
-
 def write_recall_curves(curves: dict[str, np.ndarray], folder: Path) -> list[Path]:
-    """`<model>.csv` (`k,recall`) per curve, keyed by metric prefix ('' = the trained model):
+    """`<name>.csv` (`k,recall`) per model ('model' for ace's, a baseline's name for the others):
     in `dvc plots diff` each model's chart overlays the experiments."""
     _fresh(folder)
     written = []
-    for prefix, curve in curves.items():
-        path = folder / f"{curve_name(prefix)}.csv"
+    for name, curve in curves.items():
+        path = folder / f"{name}.csv"
         rows = [(k, f"{value:.6g}") for k, value in enumerate(curve, start=1)]
         _write_csv(path, ("k", "recall"), rows)
         written.append(path)

@@ -46,7 +46,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -55,14 +54,22 @@ from torch import nn
 from tqdm import tqdm
 from transformers import BertConfig, BertTokenizerFast, get_linear_schedule_with_warmup
 
-from components import checkpoints
+from components import checkpoints, pretrained
 from components.backbones import resolve_device
 from components.config import ModelConfig, Params, PretrainConfig
 from components.errors import AceError, DataError
 from components.features import FeatureStore
-from components.modeling import CeBertConfig, CeBertForPreTraining, init_text_encoder_from, mpm_kl
+from components.modeling import (
+    CeBertConfig,
+    CeBertForPreTraining,
+    init_text_encoder_from,
+    is_new_layer,
+    mpm_kl,
+)
 from components.plots import plot_history
+from components.retrieval import encode_texts, split_days
 from components.tokenizer import train_wordpiece
+from components.training import check_schedule, log_step, parameter_groups, step_seed
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +87,13 @@ _SPLIT, _EPOCH, _BATCH, _DROPOUT, _EVAL = range(5)
 Batch = dict[str, torch.Tensor]
 
 
-def training_texts(products: pd.DataFrame, impressions: pd.DataFrame, test_days: int) -> list[str]:
-    """Every title, plus the distinct queries of the training days (before the test period).
+def training_texts(products: pd.DataFrame, train_impressions: pd.DataFrame) -> list[str]:
+    """Every title, plus the distinct queries of the training days.
 
-    Titles carry no date: the catalogue is known before the test days; queries are, so a word
-    only searched for in the test period must not reach the vocabulary.
+    Titles carry no date: the catalogue is known before the validation and test days; queries
+    are, so a word only searched for later must not reach the vocabulary.
     """
-    first_test_day = int(impressions["day"].max()) - test_days + 1
-    queries = impressions.loc[impressions["day"] < first_test_day, "query"]
+    queries = train_impressions["query"]
     return [*products["title"].astype(str), *sorted(queries.astype(str).unique())]
 
 
@@ -111,7 +117,7 @@ def build_model(
     }
     checkpoint_positions = 0
     if cfg.init_from:
-        base = BertConfig.from_pretrained(cfg.init_from)
+        base = BertConfig.from_pretrained(pretrained.resolve(cfg.init_from))
         if len(tokenizer) > base.vocab_size:
             raise AceError(
                 f"{cfg.init_from}: the tokenizer has {len(tokenizer)} tokens, the checkpoint "
@@ -151,7 +157,7 @@ def build_model(
     )
     model = CeBertForPreTraining(config)
     if cfg.init_from:
-        unused = init_text_encoder_from(model, cfg.init_from)
+        unused = init_text_encoder_from(model, pretrained.resolve(cfg.init_from))
         log.info("initialised from %s; %d checkpoint tensors unused", cfg.init_from, len(unused))
     return model
 
@@ -304,14 +310,6 @@ def mask_tokens(
     return inputs, np.where(chosen, ids, -100)
 
 
-def encode_titles(tokenizer: BertTokenizerFast, titles: list[str], max_len: int) -> np.ndarray:
-    """(n, max_len) int64: [CLS] title [SEP] [PAD]..., truncated to max_len."""
-    encoded = tokenizer(
-        titles, truncation=True, max_length=max_len, padding="max_length", return_tensors="np"
-    )
-    return encoded["input_ids"].astype(np.int64)
-
-
 def pretrain(
     params: Params, out_dir: Path, progress: bool = True, work_dir: Path | None = None
 ) -> dict[str, float]:
@@ -337,7 +335,7 @@ def pretrain(
     finished = work_dir / FINISHED_DIR / fingerprint
     if (finished / MODEL_DIR / SUMMARY).exists():
         log.info("pre-training of these inputs and settings already finished: reusing %s", finished)
-        _replace_tree(finished, out_dir)
+        checkpoints.replace_tree(finished, out_dir)
         summary = json.loads((out_dir / MODEL_DIR / SUMMARY).read_text(encoding="utf-8"))
         return {**summary["metrics"], "reused": 1.0, "seconds": time.perf_counter() - start}
     train_ids, eval_ids = split_products(list(products.product_id), cfg.eval_share, cfg.seed)
@@ -352,9 +350,9 @@ def pretrain(
     else:
         shutil.rmtree(checkpoint_root, ignore_errors=True)  # another run's: unusable
         if cfg.init_from:
-            tokenizer = BertTokenizerFast.from_pretrained(cfg.init_from)
+            tokenizer = BertTokenizerFast.from_pretrained(pretrained.resolve(cfg.init_from))
         else:
-            texts = training_texts(products, impressions, params.split.test_days)
+            texts = training_texts(products, split_days(impressions, params.split).train)
             tokenizer = train_wordpiece(texts, cfg.vocab_size)
         model = build_model(cfg, model_cfg, store.manifest, tokenizer)
         if model_cfg.use_patches:
@@ -411,7 +409,7 @@ def pretrain(
         "metrics": metrics,
     }
     (model_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    _replace_tree(out_dir, finished)
+    checkpoints.keep_finished(out_dir, finished)
     shutil.rmtree(checkpoint_root, ignore_errors=True)  # the final model supersedes them
     return metrics
 
@@ -435,16 +433,12 @@ class _Trainer:
         samples_per_epoch = len(data) * (1 + data.negatives)
         self.steps_per_epoch = math.ceil(samples_per_epoch / cfg.batch_size)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        decay = [p for p in model.parameters() if p.ndim >= 2]  # not biases and LayerNorms
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
-            lr=cfg.learning_rate,
-            weight_decay=0.0,
+        groups = parameter_groups(
+            model, cfg.learning_rate, cfg.head_learning_rate, cfg.weight_decay, is_new_layer
         )
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, cfg.warmup_steps, self.total_steps
-        )
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+        warmup = check_schedule("pretrain", cfg.warmup_steps, self.total_steps)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
         self.first_step = 0
         self.history: list[dict[str, float]] = []
         self.samples = 0  # trained in this process, for samples/s
@@ -478,7 +472,7 @@ class _Trainer:
             chunk = pairs.slice(index * cfg.batch_size, (index + 1) * cfg.batch_size)
             rng = np.random.default_rng([cfg.seed, _BATCH, epoch, index])
             batch = _to(self.data.collate(chunk, rng), self.device)
-            torch.manual_seed(_step_seed(cfg.seed, step))  # dropout: resumable without RNG state
+            torch.manual_seed(step_seed(cfg.seed, _DROPOUT, step))  # dropout, resumable
             out = model(**batch, loss_weights=weights)
             out.loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -493,7 +487,7 @@ class _Trainer:
                 if value is not None:
                     record[f"{task}_loss"] = value.item()
             self.history.append({"step": step + 1, **record})
-            _log_step(step + 1, record)
+            log_step(step + 1, record)
             self.seconds = time.perf_counter() - start
             bar.set_postfix(
                 loss=f"{record['loss']:.3f}", samples_s=f"{self.samples / self.seconds:.1f}"
@@ -573,7 +567,7 @@ def _dataset(
     tokenizer: BertTokenizerFast,
     cfg: PretrainConfig,
 ) -> PairDataset:
-    input_ids = encode_titles(tokenizer, list(titles.loc[ids]), cfg.max_text_len)
+    input_ids = encode_texts(tokenizer, list(titles.loc[ids]), cfg.max_text_len)
     rows = np.array([store.row_of[i] for i in ids], np.int64)
     patches = store.patches(model_cfg.patch_source) if model_cfg.use_patches else None
     pixels = store.pixels() if model_cfg.use_pixels else None
@@ -582,16 +576,6 @@ def _dataset(
 
 def _to(batch: Batch, device: torch.device) -> Batch:
     return {key: value.to(device) for key, value in batch.items()}
-
-
-def _step_seed(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, _DROPOUT, step]).generate_state(1)[0])
-
-
-def _log_step(step: int, record: dict[str, float]) -> None:
-    """Per-step losses to the active MLflow run (the stage's), if any."""
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics({f"train/{k}": v for k, v in record.items()}, step=step)
 
 
 def _image_inputs(model_cfg: ModelConfig) -> dict[str, object]:
@@ -619,12 +603,3 @@ def _fingerprint(
         "queries": digest(impressions[["query", "day"]]),
     }
     return hashlib.md5(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
-
-
-def _replace_tree(source: Path, target: Path) -> None:
-    """Copy `source` over `target` via a sibling temporary folder and a rename."""
-    work = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(source, work)
-    shutil.rmtree(target, ignore_errors=True)
-    work.rename(target)

@@ -1,12 +1,12 @@
 """The short human summary of a pipeline run: `ace report`, the end of `make demo`, and the
 markdown the Prefect flow publishes as its run's artifact.
 
-It reads what the stages committed (the evaluate and gate metrics under `paths.metrics_dir`, the
-gate's decision) and the registry's champion. Evaluate's figures are read generically: every
-metric key `<prefix><metric>` with a headline metric name (GAUC, Recall@K, MRR, nDCG@K) is one
-model's figure, `""` being the trained model and any other prefix a baseline (`bm25_`,
-`st_zeroshot_title_`, ...); an `image_` part of the prefix marks the image slice. `exact_` is the
-trained model itself through exact search instead of its index: a diagnostic, not a rival.
+It reads what the stages committed (the evaluate and gate metrics under `paths.metrics_dir`) and
+the registry's champion. Evaluate's figures are read by their names (components/evaluator.py):
+`<model>_<slice>_<metric>` for the headline metrics (GAUC, Recall@K, MRR, nDCG@K), where the
+trained model has no model part and a baseline its name (`bm25`, `st_zeroshot_title`, ...), so
+whichever baselines evaluate measured are compared. Validation-period figures (`val_`) and
+exact-search ones (`exact_`: the same model without its index) are not the report's.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cache
 
 from components.config import Params
 
@@ -28,32 +29,43 @@ TITLES = {
     "ndcg_at_10": "nDCG@10",
 }
 _KEY = re.compile(r"^(?P<prefix>(?:[a-z0-9]+_)*?)(?P<metric>gauc|mrr|recall_at_\d+|ndcg_at_\d+)$")
-SLICE = "image"
-NOT_RIVALS = ("exact",)
+IMAGE = "image"  # the slice where only the image tells (BRIEF.md): shown beside the whole set
 CHAMPION = "champion"  # the registry alias the gate promotes to (docs/serving.md)
+
+
+@cache
+def _names() -> tuple[frozenset[str], frozenset[str]]:
+    """The evaluator's slice names, and the name parts of figures the report leaves out."""
+    from components.evaluator import PERIOD_PREFIX, SLICES
+
+    periods = {prefix.rstrip("_") for prefix in PERIOD_PREFIX.values() if prefix}
+    return frozenset(SLICES), frozenset({*periods, "exact"})
 
 
 @dataclass(frozen=True)
 class ModelFigures:
-    name: str  # "" for the trained model, else the baseline's prefix without its "_"
-    slice: str  # "" for every test query, "image" for the image slice
+    name: str  # "" for the trained model, else the baseline's name
+    slice: str  # "" for every test query, else the slice's name
     figures: dict[str, float] = field(default_factory=dict)
 
 
 def split_key(key: str) -> tuple[str, str, str] | None:
-    """'bm25_image_recall_at_100' -> ('bm25', 'image', 'recall_at_100'); None if not headline."""
+    """'bm25_image_recall_at_100' -> ('bm25', 'image', 'recall_at_100'); None for a key that is
+    not a headline test figure."""
     match = _KEY.match(key)
     if match is None:
         return None
+    slices, left_out = _names()
     parts = [p for p in match["prefix"].split("_") if p]
-    slice_ = SLICE if SLICE in parts else ""
-    name = "_".join(p for p in parts if p != SLICE)
-    return name, slice_, match["metric"]
+    if left_out & set(parts):
+        return None
+    slice_ = next((p for p in parts if p in slices), "")
+    return "_".join(p for p in parts if p != slice_), slice_, match["metric"]
 
 
 def model_figures(metrics: dict[str, float]) -> list[ModelFigures]:
-    """Evaluate's metrics as one row per (model, slice): the trained model first, then the
-    baselines by name; the whole test set before the image slice."""
+    """Evaluate's metrics as one row per (model, slice): the whole test set first, the trained
+    model before the baselines (by name)."""
     rows: dict[tuple[str, str], ModelFigures] = {}
     for key, value in metrics.items():
         parsed = split_key(key)
@@ -61,12 +73,8 @@ def model_figures(metrics: dict[str, float]) -> list[ModelFigures]:
             continue
         name, slice_, metric = parsed
         rows.setdefault((name, slice_), ModelFigures(name, slice_)).figures[metric] = float(value)
-
-    def order(key: tuple[str, str]) -> tuple:
-        name, slice_ = key
-        return (slice_ != "", name != "", name not in NOT_RIVALS, name)
-
-    return [rows[k] for k in sorted(rows, key=order)]
+    order = sorted(rows, key=lambda k: (k[1] != "", k[1], k[0] != "", k[0]))
+    return [rows[k] for k in order]
 
 
 def metric_order(rows: list[ModelFigures]) -> list[str]:
@@ -75,27 +83,20 @@ def metric_order(rows: list[ModelFigures]) -> list[str]:
     return [m for m in HEADLINE if m in present] + extra
 
 
-def label(row: ModelFigures, variant: str) -> str:
-    if row.name == "":
-        return variant
-    if row.name in NOT_RIVALS:
-        return f"{variant}, {row.name} search"
-    return row.name
-
-
 # One row per model, the image slice's figures as `image_<metric>` columns: the variant
 # comparison DVC draws (`dvc plots diff` puts each experiment's bars side by side).
-COMPARISON_COLUMNS = ("model", *HEADLINE, *(f"{SLICE}_{m}" for m in HEADLINE))
+COMPARISON_COLUMNS = ("model", *HEADLINE, *(f"{IMAGE}_{m}" for m in HEADLINE))
 
 
 def comparison_rows(metrics: dict[str, float], variant: str) -> list[dict[str, object]]:
+    """The trained model (named by its variant) and each baseline (by its name)."""
     rows: dict[str, dict[str, object]] = {}
     for figures in model_figures(metrics):
-        if figures.name in NOT_RIVALS:
+        if figures.slice not in ("", IMAGE):
             continue
-        row = rows.setdefault(figures.name, {"model": label(figures, variant)})
+        row = rows.setdefault(figures.name, {"model": figures.name or variant})
         for metric, value in figures.figures.items():
-            row[f"{SLICE}_{metric}" if figures.slice else metric] = value
+            row[f"{IMAGE}_{metric}" if figures.slice else metric] = value
     return list(rows.values())
 
 
@@ -105,9 +106,10 @@ def _markdown_table(rows: list[ModelFigures], variant: str) -> list[str]:
         "| model | " + " | ".join(TITLES.get(m, m) for m in order) + " |",
         "|---|" + "---:|" * len(order),
     ]
+    from components.baselines import LABELS
+
     for row in rows:
-        name = label(row, variant)
-        name = f"**{name}**" if row.name == "" else name
+        name = f"**{variant}**" if row.name == "" else LABELS.get(row.name, row.name)
         cells = [f"{row.figures[m]:.3f}" if m in row.figures else "-" for m in order]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
@@ -116,7 +118,7 @@ def _markdown_table(rows: list[ModelFigures], variant: str) -> list[str]:
 def against_rivals(rows: list[ModelFigures], slice_: str = "") -> list[str]:
     """Per metric: the trained model minus the strongest baseline, and which one that is."""
     model = next((r for r in rows if r.name == "" and r.slice == slice_), None)
-    rivals = [r for r in rows if r.slice == slice_ and r.name not in ("", *NOT_RIVALS)]
+    rivals = [r for r in rows if r.slice == slice_ and r.name != ""]
     if model is None or not rivals:
         return []
     parts = []
@@ -197,20 +199,26 @@ def render(params: Params) -> str:
         rows = model_figures(metrics)
         whole = [r for r in rows if r.slice == ""]
         lines += _markdown_table(whole, variant)
-        if "n_products" in metrics and "recall_queries" in metrics:
+        if "n_products" in metrics and "queries" in metrics:
             lines += [
                 "",
-                f"{int(metrics['recall_queries'])} test queries, Recall@K over the whole "
+                f"{int(metrics['queries'])} test queries, Recall@K over the whole "
                 f"catalogue of {int(metrics['n_products'])} products.",
             ]
         ahead = against_rivals(rows)
         if ahead:
             lines += ["", "Against the strongest baseline: " + ", ".join(ahead) + "."]
-        sliced = [r for r in rows if r.slice == SLICE]
+        sliced = [r for r in rows if r.slice == IMAGE]
         if sliced:
-            lines += ["", "Image slice (titles omit or misstate the colour or pattern):", ""]
-            lines += _markdown_table(sliced, variant)
-            ahead = against_rivals(rows, SLICE)
+            count = f"{int(metrics[f'{IMAGE}_queries'])} " if f"{IMAGE}_queries" in metrics else ""
+            lines += [
+                "",
+                f"Image slice ({count}queries whose clicked titles omit or misstate the colour "
+                "or pattern: only the image tells):",
+                "",
+                *_markdown_table(sliced, variant),
+            ]
+            ahead = against_rivals(rows, IMAGE)
             if ahead:
                 lines += ["", "Against the strongest baseline there: " + ", ".join(ahead) + "."]
     lines += ["", *registry_lines(params)]

@@ -1,8 +1,9 @@
 """What the two towers read, shared by fine-tuning, evaluation and serving.
 
 - The click log splits by day: the last `test_days` days are the test period (the paper's "next
-  days"); everything a model learns from (click pairs, hot queries) comes from the `train_days`
-  days before (a sliding window, so a retrain follows the latest behaviour).
+  days"), the `val_days` before them the validation period (early stopping and every tuning
+  choice); everything a model learns from (click pairs, hot queries) comes from the
+  `train_days` days before those (a sliding window, so a retrain follows the latest behaviour).
 - Hot queries (paper 3.2): for each product, the (at most) `k` queries with the most clicks on it
   in the training days; ties go to the alphabetically first query, so the list is deterministic.
 - The product side reads `[CLS] title [SEP] hot query 1 [SEP] hot query 2 ... [SEP]` (the hot
@@ -21,7 +22,7 @@ import torch
 from tqdm import tqdm
 from transformers import BertTokenizerFast
 
-from components.config import ModelConfig
+from components.config import ModelConfig, SplitConfig
 from components.errors import DataError
 from components.features import FeatureStore
 from components.modeling import AceBertForRetrieval
@@ -32,21 +33,32 @@ PRODUCT_EMBEDDINGS = "product_embeddings.npy"
 PRODUCT_IDS = "product_ids.json"  # the embeddings' row order
 
 
-def split_days(
-    impressions: pd.DataFrame, test_days: int, train_days: int = 0
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(training days, test days) of the click log: the last `test_days` days test, the
-    `train_days` before them train (0: every day before them)."""
+@dataclass(frozen=True)
+class Periods:
+    """The click log cut by day: training window, validation period, test period."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+
+
+def split_days(impressions: pd.DataFrame, split: SplitConfig) -> Periods:
+    """The last `test_days` days test, the `val_days` before them validate, the `train_days`
+    before those train (0: every earlier day)."""
     days = impressions["day"]
-    first_test_day = int(days.max()) - test_days + 1
-    if first_test_day <= int(days.min()):
+    first_test_day = int(days.max()) - split.test_days + 1
+    first_val_day = first_test_day - split.val_days
+    if first_val_day <= int(days.min()):
         raise DataError(
-            f"the click log spans {days.nunique()} days: too few for {test_days} test days "
-            "and at least one training day"
+            f"the click log spans {days.nunique()} days: too few for {split.test_days} test "
+            f"days, {split.val_days} validation days and at least one training day"
         )
-    first_train_day = first_test_day - train_days if train_days else int(days.min())
-    train = impressions[(days >= first_train_day) & (days < first_test_day)]
-    return train, impressions[days >= first_test_day]
+    first_train_day = first_val_day - split.train_days if split.train_days else int(days.min())
+    return Periods(
+        train=impressions[(days >= first_train_day) & (days < first_val_day)],
+        val=impressions[(days >= first_val_day) & (days < first_test_day)],
+        test=impressions[days >= first_test_day],
+    )
 
 
 def hot_queries(train_impressions: pd.DataFrame, k: int) -> dict[str, list[str]]:
@@ -77,6 +89,37 @@ def trim(ids: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(1, int((ids != pad_id).sum(1).max()))
     ids = ids[:, :width]
     return torch.from_numpy(ids), torch.from_numpy((ids != pad_id).astype(np.int64))
+
+
+@dataclass(frozen=True)
+class ClickPairs:
+    """Distinct (query, product) training pairs: query index into `queries`, catalogue row."""
+
+    queries: list[str]
+    query: np.ndarray
+    product: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def keys(self, n_products: int) -> np.ndarray:
+        """One int64 per pair, sorted: what `also_positive` looks pairs up in."""
+        return np.sort(self.query.astype(np.int64) * n_products + self.product)
+
+
+def click_pairs(train_impressions: pd.DataFrame, index_of: dict[str, int]) -> ClickPairs:
+    clicked = train_impressions[train_impressions["clicked"] == 1]
+    clicked = clicked[clicked["product_id"].isin(index_of)]
+    pairs = clicked[["query", "product_id"]].drop_duplicates().sort_values(["query", "product_id"])
+    if pairs.empty:
+        raise DataError("no clicked (query, product) pair in the training days: nothing to learn")
+    queries = sorted(pairs["query"].unique())
+    query_index = {q: i for i, q in enumerate(queries)}
+    return ClickPairs(
+        queries=queries,
+        query=pairs["query"].map(query_index).to_numpy(np.int64),
+        product=pairs["product_id"].map(index_of).to_numpy(np.int64),
+    )
 
 
 @dataclass
@@ -163,6 +206,22 @@ def embed_products(
 
 
 @torch.no_grad()
+def product_modality_weights(
+    model: AceBertForRetrieval, catalogue: Catalogue, batch_size: int, device: torch.device
+) -> np.ndarray | None:
+    """(n_products, 2) text and image weights of modal adaptation (MAKE), None without it."""
+    if model.modality_gate is None:
+        return None
+    model.eval()
+    out = []
+    for begin in range(0, len(catalogue), batch_size):
+        rows = np.arange(begin, min(begin + batch_size, len(catalogue)))
+        batch = {k: v.to(device) for k, v in catalogue.inputs(rows).items()}
+        out.append(model.modality_weights(**batch).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
 def embed_queries(
     model: AceBertForRetrieval,
     tokenizer: BertTokenizerFast,
@@ -189,3 +248,20 @@ def load_retriever(model_dir: Path) -> tuple[AceBertForRetrieval, BertTokenizerF
         raise DataError(f"{model_dir}: no fine-tuned model here (run the finetune stage first)")
     model = AceBertForRetrieval.from_pretrained(model_dir)
     return model.eval(), BertTokenizerFast.from_pretrained(model_dir)
+
+
+def leave_one_out_texts(
+    product_ids: list[str],
+    titles: list[str],
+    hot: dict[str, list[str]],
+    rows: np.ndarray,
+    queries: list[str],
+    sep: str,
+) -> list[str]:
+    """Product-side texts of training pairs (catalogue row, query): each product's title and hot
+    queries without the pair's own query (finetune.py's module doc says why)."""
+    texts = []
+    for row, query in zip(rows, queries, strict=True):
+        others = [h for h in hot.get(product_ids[row], []) if h != query]
+        texts.append(product_text(titles[row], others, sep))
+    return texts

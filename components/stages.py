@@ -47,7 +47,7 @@ CHARTS = {
 class Stage:
     name: str
     run: Callable[[Params], Metrics]
-    params: tuple[str, ...]  # params.yaml sections the stage reads
+    params: tuple[str, ...]  # params.yaml sections (or single dotted keys) the stage reads
     code: tuple[str, ...]  # source files whose change must re-run it
     deps: Callable[[Params], list[Path]]
     outs: Callable[[Params], list[Path]]
@@ -124,12 +124,27 @@ def _finetune(params: Params) -> Metrics:
     return metrics
 
 
+def _baselines(params: Params) -> Metrics:
+    from components.baselines import RESULTS_FILE, run_baselines
+
+    out_dir = stage_dir(params, "baselines")
+    metrics = run_baselines(params, out_dir)
+    mlflow.log_artifact(str(out_dir / RESULTS_FILE), artifact_path="baselines")
+    return metrics
+
+
 def _evaluate(params: Params) -> Metrics:
-    from components.evaluate import EMBEDDING_MAP, METRICS_FILE, RECALL_CURVE, evaluate_retriever
+    from components.evaluate import (
+        EMBEDDING_MAP,
+        METRICS_FILE,
+        RECALL_CURVE,
+        WEIGHTS,
+        evaluate_retriever,
+    )
 
     out_dir = stage_dir(params, "evaluate")
     metrics = evaluate_retriever(params, out_dir)
-    for name in (METRICS_FILE, RECALL_CURVE, EMBEDDING_MAP):
+    for name in (METRICS_FILE, RECALL_CURVE, EMBEDDING_MAP, WEIGHTS):
         if (out_dir / name).exists():
             mlflow.log_artifact(str(out_dir / name), artifact_path="evaluate")
     rows = report.comparison_rows(metrics, params.model.variant)
@@ -185,6 +200,23 @@ STAGES: tuple[Stage, ...] = (
         persist=True,
     ),
     Stage(
+        name="baselines",
+        run=_baselines,
+        params=("split", "baselines", "index", "evaluate.ks", "finetune.hot_queries"),
+        code=(
+            "components/baselines.py",
+            "components/evaluator.py",
+            "components/retrieval_metrics.py",
+            "components/bm25.py",
+            "components/index.py",
+            "components/pretrained.py",
+            "components/retrieval.py",
+        ),
+        deps=lambda p: [stage_dir(p, n) for n in ("validate", "features")],
+        outs=lambda p: [stage_dir(p, "baselines")],
+        description="BM25 and sentence-transformers baselines (zero-shot, fine-tuned), same rows.",
+    ),
+    Stage(
         name="pretrain",
         run=_pretrain,
         params=("model", "split", "pretrain"),
@@ -193,6 +225,8 @@ STAGES: tuple[Stage, ...] = (
             "components/modeling.py",
             "components/tokenizer.py",
             "components/checkpoints.py",
+            "components/training.py",
+            "components/pretrained.py",
         ),
         deps=lambda p: [stage_dir(p, "validate"), stage_dir(p, "features")],
         outs=lambda p: [stage_dir(p, "pretrain")],
@@ -208,6 +242,10 @@ STAGES: tuple[Stage, ...] = (
             "components/retrieval.py",
             "components/modeling.py",
             "components/checkpoints.py",
+            "components/adversary.py",
+            "components/keywords.py",
+            "components/training.py",
+            "components/evaluator.py",
         ),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "pretrain")],
         outs=lambda p: [stage_dir(p, "finetune")],
@@ -220,14 +258,15 @@ STAGES: tuple[Stage, ...] = (
         params=("model", "split", "finetune", "evaluate", "index"),
         code=(
             "components/evaluate.py",
+            "components/evaluator.py",
+            "components/baselines.py",
             "components/index.py",
             "components/retrieval_metrics.py",
-            "components/bm25.py",
             "components/retrieval.py",
         ),
-        deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune")],
+        deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune", "baselines")],
         outs=lambda p: [stage_dir(p, "evaluate")],
-        description="GAUC, Recall@K (through the ANN index and exact), MRR, nDCG@10; vs BM25.",
+        description="GAUC, Recall@K (ANN and exact), MRR, nDCG@10, slices; beside the baselines.",
         plots=(PlotData(plot_data.RECALL, x="k"), PlotData(COMPARISON)),
     ),
     Stage(
@@ -239,6 +278,7 @@ STAGES: tuple[Stage, ...] = (
             "components/retrieval.py",
             "components/modeling.py",
             "components/index.py",
+            "components/evaluator.py",
         ),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune", "evaluate")],
         outs=lambda p: [stage_dir(p, "distill")],
@@ -274,7 +314,8 @@ def get_stage(name: str) -> Stage:
 
 def run_stage(stage: Stage, params: Params, parent_run_id: str | None = None) -> Metrics:
     """Run one stage as an MLflow run (nested under `parent_run_id`) and write its metrics."""
-    section_params = {name: params.section(name).model_dump(mode="json") for name in stage.params}
+    section_params = {name: params.value(name) for name in stage.params}
+    section_params["profile"] = params.profile or "none"
     with tracking.stage_run(
         params.tracking.experiment, stage.name, section_params, parent_run_id=parent_run_id
     ):
@@ -307,7 +348,8 @@ def render_dvc_yaml(params: Params) -> str:
         entry = {
             "cmd": f"ace stage run {stage.name}",
             "deps": [*stage.code, *(str(path) for path in stage.deps(params))],
-            "params": list(stage.params),
+            # A profile may set any section: every stage re-runs when it changes.
+            "params": [*stage.params, "profile", "profiles"],
             "outs": outs,
             "metrics": [{str(stage.metrics_file(params)): {"cache": False}}],
         }

@@ -32,6 +32,7 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 # The repo's params shrunk for tests: the tiny world and models that train in seconds.
 TINY_OVERRIDES: dict[str, object] = {
+    "profile": "small",
     "synth.scale": "tiny",
     "features.patch_input": 32,
     "features.variants": ["roi"],

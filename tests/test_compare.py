@@ -17,12 +17,19 @@ from components.errors import AceError
 def _log(stage: str, variant: str, seed: int, metrics: dict[str, float], version: str = "v1"):
     with mlflow.start_run(run_name=stage):
         mlflow.set_tags({"stage": stage, "data_version": version})
-        mlflow.log_params({"model.variant": variant, "finetune.seed": seed})
+        if stage == "baselines":
+            mlflow.log_params({"baselines.seed": seed})
+        else:
+            mlflow.log_params({"model.variant": variant, "finetune.seed": seed})
         mlflow.log_metrics(metrics)
 
 
-def _metrics(value: float) -> dict[str, float]:
-    return {**{m: value for m in METRICS}, **{f"bm25_{m}": 0.1 for m in METRICS}}
+def _metrics(value: float, prefix: str = "") -> dict[str, float]:
+    return {
+        **{f"{prefix}{m}": value for m in METRICS},
+        **{f"val_{prefix}{m}": value / 2 for m in METRICS},
+        f"{prefix}image_recall_at_100": value / 4,
+    }
 
 
 def test_compare_aggregates_seeds_keeps_the_newest_run_and_filters_data_versions(tmp_path: Path):
@@ -33,21 +40,31 @@ def test_compare_aggregates_seeds_keeps_the_newest_run_and_filters_data_versions
     _log("evaluate", "twinbert", 1, _metrics(0.3))
     _log("evaluate", "twinbert", 1, _metrics(0.99), version="v0")  # another world
     _log("finetune", "cebert", 1, {"gauc": 0.0})  # not an evaluate run
+    baselines = {**_metrics(0.1, "bm25_"), **_metrics(0.4, "st_finetuned_")}
+    _log("baselines", "", 1, baselines)
+    _log("baselines", "", 2, {**baselines, "st_finetuned_gauc": 0.6})
 
     result = compare("cmp", "v1")
     table = result.table
-    assert list(table.index) == ["bm25", "twinbert", "cebert"]
-    assert table.loc["cebert", "seeds"] == 3
+    assert list(table.index) == ["bm25", "st_finetuned", "twinbert", "cebert"]  # baselines first
+    assert table.loc["cebert", "seeds"] == 3 and result.superseded == 1
     assert table.loc["cebert", "gauc_mean"] == pytest.approx(0.6)
     assert table.loc["cebert", "gauc_std"] == pytest.approx(np.std([0.5, 0.6, 0.7], ddof=1))
+    assert table.loc["cebert", "image_recall_at_100_mean"] == pytest.approx(0.15)
     assert table.loc["twinbert", "recall_at_100_mean"] == pytest.approx(0.3)
-    assert table.loc["twinbert", "recall_at_100_std"] == 0.0
+    assert table.loc["st_finetuned", "seeds"] == 2
+    assert table.loc["st_finetuned", "gauc_mean"] == pytest.approx(0.5)
     assert table.loc["bm25", "gauc_mean"] == pytest.approx(0.1)
-    assert "| cebert | 3 | 0.6000 ± 0.1000 |" in result.markdown()
+    markdown = result.markdown()
+    assert "| cebert | 3 | 0.6000 ± 0.1000 |" in markdown
+    assert "| twinbert | 1 | 0.3000 |" in markdown  # one seed: no spread to show
+    assert "image_recall_at_100" in result.report() and "1 older re-runs" in result.report()
+    # Validation figures are another period of the same runs.
+    assert compare("cmp", "v1", "val").table.loc["cebert", "gauc_mean"] == pytest.approx(0.3)
 
     md, js = write(result, tmp_path)
     assert json.loads(js.read_text())["cebert"]["gauc_mean"] == pytest.approx(0.6)
-    assert md.read_text().startswith("| variant | seeds |")
+    assert "| model | seeds |" in md.read_text()
     assert compare("cmp", None).table.loc["twinbert", "seeds"] == 1  # newest of both versions
     with pytest.raises(AceError, match="no evaluate runs"):
         compare("cmp", "v9")

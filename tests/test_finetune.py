@@ -13,8 +13,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from components import finetune as ft
-from components.config import FeaturesConfig, Params, load_params
+from components.config import FeaturesConfig, Params, SplitConfig, load_params
 from components.distill import distill, kept_layers, make_student
+from components.errors import DataError
 from components.evaluate import evaluate_retriever
 from components.features import build_features
 from components.finetune import (
@@ -33,7 +34,7 @@ from components.modeling import (
     semantic_matching_loss,
 )
 from components.pretrain import pretrain
-from components.retrieval import Catalogue, hot_queries, load_retriever, split_days
+from components.retrieval import hot_queries, leave_one_out_texts, load_retriever, split_days
 from tests.conftest import ROOT, TINY_OVERRIDES
 
 N_PRODUCTS = 120
@@ -88,7 +89,8 @@ def test_hot_queries_come_from_training_days_only():
         ("cap", "p2", 1, 2),
     ]
     impressions = pd.DataFrame(rows, columns=["query", "product_id", "clicked", "day"])
-    train, test = split_days(impressions, test_days=1)
+    periods = split_days(impressions, SplitConfig(test_days=1, val_days=0, train_days=0))
+    train, test = periods.train, periods.test
     assert set(test.day) == {2} and set(train.day) == {0, 1}
     hot = hot_queries(train, k=2)
     assert hot == {"p1": ["red dress", "dress"]}  # by clicks; p2 was clicked only on the test day
@@ -96,17 +98,25 @@ def test_hot_queries_come_from_training_days_only():
     # The split is what keeps it out: counted over the whole log it would be first.
     assert hot_queries(impressions, 10)["p1"][0] == "leaked query"
     # A training window of one day keeps only the day before the test period.
-    window, test_again = split_days(impressions, test_days=1, train_days=1)
-    assert set(window.day) == {1} and test_again.equals(test)
-    assert hot_queries(window, k=10) == {"p1": ["dress"]}
+    window = split_days(impressions, SplitConfig(test_days=1, val_days=0, train_days=1))
+    assert set(window.train.day) == {1} and window.test.equals(test)
+    assert hot_queries(window.train, k=10) == {"p1": ["dress"]}
+    # With a validation day, it is neither trained on nor tested: day 1 validates.
+    validated = split_days(impressions, SplitConfig(test_days=1, val_days=1, train_days=0))
+    assert set(validated.train.day) == {0} and set(validated.val.day) == {1}
+    assert hot_queries(validated.train, k=10) == {"p1": ["red dress", "blue dress"]}
+    with pytest.raises(DataError, match="too few"):
+        split_days(impressions, SplitConfig(test_days=1, val_days=2))
 
 
-def test_pipeline_hot_queries_never_contain_a_test_only_query(world: Path, tiny_world: Path):
+def test_pipeline_hot_queries_never_contain_a_later_query(world: Path, tiny_world: Path):
     params = _params(world, tiny_world)
     impressions = pd.read_parquet(world / "validate" / "impressions.parquet")
-    train, test = split_days(impressions, params.split.test_days, params.split.train_days)
-    test_only = set(test["query"]) - set(train["query"])
-    assert test_only, "the tiny world should have queries first searched on the test day"
+    periods = split_days(impressions, params.split)
+    train = periods.train
+    later = pd.concat([periods.val, periods.test])
+    test_only = set(later["query"]) - set(train["query"])
+    assert test_only, "the tiny world should have queries first searched after the training days"
     hot = hot_queries(train, params.finetune.hot_queries)
     assert not test_only & {q for queries in hot.values() for q in queries}
 
@@ -183,14 +193,15 @@ def test_fewer_partitions_give_more_same_category_negatives():
     assert sorted(np.concatenate(batches)) == list(range(4000))  # every pair once per epoch
 
 
+@pytest.mark.parametrize("method", ["confusion", "grl", "alternating"])
 def test_each_adversarial_phase_leaves_the_other_sides_weights_untouched(
-    world: Path, tiny_world: Path
+    world: Path, tiny_world: Path, method: str
 ):
-    params = _params(world, tiny_world)
+    params = _params(world, tiny_world, **{"finetune.adversarial.method": method})
     model, trainer = _trainer(params)
     towers = {k: v.clone() for k, v in model.state_dict().items() if "domain_classifier" not in k}
     classifier = {k: v.clone() for k, v in model.domain_classifier.state_dict().items()}
-    trainer.classifier_optimizer.step = _must_not_step  # the tower phase never steps it
+    trainer.adversary.optimizer.step = _must_not_step  # the tower phase never steps it
     for step in range(2):  # the warm-up's first learning rate is 0
         trainer.tower_step(np.arange(8), step=step)
     after = model.state_dict()
@@ -199,15 +210,66 @@ def test_each_adversarial_phase_leaves_the_other_sides_weights_untouched(
         assert torch.equal(classifier[k], v), k
     assert all(p.grad is None for p in model.domain_classifier.parameters())
 
-    del trainer.classifier_optimizer.step
+    del trainer.adversary.optimizer.step
     towers = {k: v.clone() for k, v in model.state_dict().items() if "domain_classifier" not in k}
-    trainer.classifier_steps()
+    trainer.adversary.classifier_steps()
     after = model.state_dict()
     for k in towers:
         assert torch.equal(towers[k], after[k]), k
     assert any(
         not torch.equal(classifier[k], v) for k, v in model.domain_classifier.state_dict().items()
     )
+
+
+@pytest.mark.parametrize("method", ["confusion", "grl", "alternating"])
+def test_the_adversarial_gradient_scales_with_the_weight_and_confuses_the_classifier(
+    world: Path, tiny_world: Path, method: str
+):
+    overrides = {
+        "finetune.adversarial.method": method,
+        "finetune.adversarial.classifier_learning_rate": 1e-2,
+    }
+    model, trainer = _trainer(_params(world, tiny_world, **overrides))
+    adversary = trainer.adversary
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(16, 16), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(16, 16) + 1.0, dim=-1)  # a modality gap
+    for _ in range(50):  # an informative classifier first
+        adversary.observe(q, p)
+        adversary.classifier_steps()
+    base_loss = domain_loss(model.domain_classifier, q, p).item()
+
+    def gradient(weight: float) -> torch.Tensor:
+        at = torch.cat([q, p]).requires_grad_(True)
+        adversary.cfg = adversary.cfg.model_copy(update={"weight": weight, "schedule": "constant"})
+        term = adversary.tower_loss(at[:16], at[16:], step=0)
+        return torch.autograd.grad(term, at)[0]
+
+    zero, one, two = gradient(0.0), gradient(0.5), gradient(1.0)
+    assert torch.equal(zero, torch.zeros_like(zero))
+    assert one.norm() > 1e-3
+    torch.testing.assert_close(two, 2 * one)  # linear in lambda
+    # A small step of the towers along their gradient makes the classifier worse at its task.
+    moved = torch.cat([q, p]) - 0.5 * one / one.norm()
+    assert domain_loss(model.domain_classifier, moved[:16], moved[16:]).item() > base_loss
+
+
+def test_an_adversary_of_weight_zero_trains_exactly_like_none(
+    world: Path, tiny_world: Path, tmp_path: Path
+):
+    from safetensors.torch import load_file
+
+    steps = {"finetune.max_steps": 6, "finetune.adversarial.weight": 0.0}
+    plain = _params(world, tiny_world, **{"model.variant": "cebert", **steps})
+    weightless = _params(world, tiny_world, **{"model.variant": "cebert_adv", **steps})
+    finetune(plain, tmp_path / "plain", progress=False)
+    adv = finetune(weightless, tmp_path / "adv", progress=False)
+    assert adv["final_classifier_accuracy"] > 0  # the classifier did play
+    ours = load_file(tmp_path / "adv" / ft.MODEL_DIR / "model.safetensors")
+    theirs = load_file(tmp_path / "plain" / ft.MODEL_DIR / "model.safetensors")
+    for key, value in theirs.items():
+        if not key.startswith("domain_classifier."):
+            assert torch.equal(ours[key], value), key
 
 
 def _must_not_step(*args: object, **kwargs: object) -> None:
@@ -225,7 +287,7 @@ def _trainer(params: Params) -> tuple[AceBertForRetrieval, ft._Trainer]:
     tokenizer = BertTokenizerFast.from_pretrained(pretrained)
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
     products = pd.read_parquet(artifacts / "validate" / "products.parquet")
-    train, _ = split_days(impressions, 1)
+    train = split_days(impressions, params.split).train
     hot = hot_queries(train, 10)
     store = FeatureStore(artifacts / "features")
     catalogue = Catalogue.build(products, store, params.model, tokenizer, hot, 64)
@@ -278,11 +340,21 @@ def test_tiny_finetune_learns_resumes_and_evaluates(
     seen: list[tuple[int, float]] = []
 
     def die_at(step: int, record: dict[str, float]) -> None:
-        seen.append((step, record["main_loss"]))
+        if "main_loss" in record:  # not the validation figures logged at the same step
+            seen.append((step, record["main_loss"]))
         if step == 7:
             raise Killed
 
-    short = _params(world, tiny_world, **{"finetune.max_steps": 9, "finetune.checkpoint_every": 4})
+    short = _params(
+        world,
+        tiny_world,
+        **{
+            "finetune.max_steps": 9,
+            "finetune.checkpoint_every": 4,
+            # the paper's k-step rounds: checkpoints must wait for a round to end
+            "finetune.adversarial.method": "alternating",
+        },
+    )
     reference = finetune(short, tmp_path / "whole", progress=False)
     whole = json.loads((tmp_path / "whole" / ft.HISTORY).read_text())
     monkeypatch.setattr(ft, "log_step", die_at)
@@ -290,18 +362,27 @@ def test_tiny_finetune_learns_resumes_and_evaluates(
         finetune(short, tmp_path / "resumed", progress=False)
     seen.clear()
     monkeypatch.setattr(
-        ft, "log_step", lambda step, record: seen.append((step, record["main_loss"]))
+        ft,
+        "log_step",
+        lambda step, record: "main_loss" in record and seen.append((step, record["main_loss"])),
     )
     resumed = finetune(short, tmp_path / "resumed", progress=False)
     assert seen[0][0] == 6  # the checkpoint at step 5 (after the first adversarial round)
     assert [loss for _, loss in seen] == [h["main_loss"] for h in whole[5:]]
     assert resumed["final_main_loss"] == reference["final_main_loss"]
+    assert resumed["val_recall_at_100"] == reference["val_recall_at_100"]
+    # The same inputs and settings again: the finished run is reused, not retrained.
+    seen.clear()
+    again = finetune(short, tmp_path / "resumed", progress=False)
+    assert again["reused"] == 1.0 and not seen
+    assert again["val_recall_at_100"] == reference["val_recall_at_100"]
 
     # Evaluation of the first model: the model beats chance and BM25 is scored alongside.
     evaluated = evaluate_retriever(params, world / "evaluate", progress=False)
-    for key in ("gauc", "recall_at_10", "recall_at_100", "mrr", "ndcg_at_10", "bm25_gauc"):
-        assert 0 <= evaluated[key] <= 1, key
-    assert evaluated["gauc"] > 0.5
+    assert evaluated["gauc"] > 0.5 and evaluated["val_gauc"] > 0.5
+    # The slices partition the test clicks: image + text queries cover every query with a click.
+    assert evaluated["image_queries"] > 0 and evaluated["cold_queries"] > 0
+    assert evaluated["image_queries"] + evaluated["text_queries"] >= evaluated["queries"]
     for name in ("recall_curve.png", "embedding_map.png", "product_embeddings.npy"):
         assert (world / "evaluate" / name).exists()
     # Headline ranking figures go through the served index type; `exact_` ones do not.
@@ -366,22 +447,41 @@ def test_student_layers_are_evenly_spaced_teacher_layers():
 
 
 def test_training_product_text_leaves_the_pairs_own_query_out():
-    catalogue = Catalogue(
-        product_ids=["p1", "p2"],
-        titles=["Red Dress", "Blue Cap"],
-        categories=np.array(["dress", "cap"]),
-        text_ids=np.zeros((2, 4), np.int64),
-        store_rows=np.arange(2),
-        patches=None,
-        pixels=None,
-        pad_id=0,
-    )
     hot = {"p1": ["red dress", "dress", "crimson gown"], "p2": ["cap"]}
-    texts = ft.leave_one_out_texts(
-        catalogue, hot, np.array([0, 0, 1]), ["dress", "summer dress", "cap"], "[SEP]"
+    texts = leave_one_out_texts(
+        ["p1", "p2"],
+        ["Red Dress", "Blue Cap"],
+        hot,
+        np.array([0, 0, 1]),
+        ["dress", "summer dress", "cap"],
+        "[SEP]",
     )
     assert texts == [
         "Red Dress [SEP] red dress [SEP] crimson gown",  # "dress" was this pair's query
         "Red Dress [SEP] red dress [SEP] dress [SEP] crimson gown",  # not a hot query: all kept
         "Blue Cap",
     ]
+
+
+def test_make_learns_keywords_of_training_days_only_and_reports_its_gate(
+    world: Path, tiny_world: Path, tmp_path: Path
+):
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    for stage in ("validate", "features", "pretrain"):
+        (artifacts / stage).symlink_to(world / stage)
+    overrides = {"model.variant": "make", "finetune.max_steps": 4}
+    params = _params(artifacts, tiny_world, **overrides)
+    metrics = finetune(params, artifacts / "finetune", progress=False)
+    assert metrics["queries_with_keywords"] > 0 and metrics["final_keyword_loss"] > 0
+    keywords = json.loads((artifacts / "finetune" / ft.MODEL_DIR / ft.KEYWORDS_FILE).read_text())
+    impressions = pd.read_parquet(world / "validate" / "impressions.parquet")
+    periods = split_days(impressions, params.split)
+    later_only = set(pd.concat([periods.val, periods.test])["query"]) - set(periods.train["query"])
+    assert later_only and not later_only & set(keywords["queries"])
+
+    evaluated = evaluate_retriever(params, artifacts / "evaluate", progress=False)
+    # Per-product image weights (not one mixture for all), split by whether the title tells
+    # the colour and pattern.
+    assert evaluated["ma_image_weight_title_wrong"] != evaluated["ma_image_weight_title_right"]
+    assert (artifacts / "evaluate" / "modality_weights.png").stat().st_size > 1000

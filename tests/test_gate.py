@@ -139,7 +139,7 @@ def test_a_served_model_is_charged_for_clicks_on_products_its_index_lacks(
     params = _params(world, tiny_world)
     retriever = Retriever(world / "distill" / "student", world / "index", 12)
     impressions = pd.read_parquet(world / "validate" / "impressions.parquet")
-    _, test = split_days(impressions, params.split.test_days, params.split.train_days)
+    test = split_days(impressions, params.split).test
     known = evaluate_served(retriever, test)
     assert known["clicks_on_products_not_indexed"] == 0
     clicked = test.loc[test["clicked"] == 1, "product_id"].unique()

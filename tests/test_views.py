@@ -26,24 +26,28 @@ from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
 
-# Evaluate's metrics as they will look with the baselines stage: prefixes for the baselines,
-# `image_` for the slice, `exact_` for the model through exact search, and counts beside them.
+# Evaluate's metrics as the evaluator names them: baselines by prefix, slices (`image_`,
+# `text_`), the validation period (`val_`), exact search (`exact_`), and counts beside them.
 EVALUATED = {
     "gauc": 0.75,
     "recall_at_10": 0.39,
     "recall_at_100": 0.80,
     "mrr": 0.30,
     "exact_recall_at_100": 0.81,
+    "val_gauc": 0.99,
+    "val_recall_at_100": 0.99,
     "bm25_gauc": 0.65,
     "bm25_recall_at_10": 0.22,
     "bm25_recall_at_100": 0.59,
+    "bm25_exact_recall_at_100": 0.99,
     "st_zeroshot_hot_gauc": 0.73,
     "st_zeroshot_hot_recall_at_10": 0.31,
     "st_zeroshot_hot_recall_at_100": 0.82,
     "image_recall_at_100": 0.70,
+    "text_recall_at_100": 0.85,
     "bm25_image_recall_at_100": 0.40,
-    "gauc_queries": 120.0,
-    "recall_queries": 150.0,
+    "queries": 150.0,
+    "image_queries": 40.0,
     "n_products": 3000.0,
 }
 
@@ -64,7 +68,10 @@ def test_metric_keys_split_into_model_slice_and_metric():
     )
     assert report.split_key("image_recall_at_100") == ("", "image", "recall_at_100")
     assert report.split_key("bm25_image_mrr") == ("bm25", "image", "mrr")
-    for not_headline in ("gauc_queries", "recall_queries", "n_products", "ann_recall_at_100_vs"):
+    assert report.split_key("cold_gauc") == ("", "cold", "gauc")
+    for left_out in ("val_gauc", "val_bm25_recall_at_10", "exact_mrr", "bm25_exact_gauc"):
+        assert report.split_key(left_out) is None  # not a headline test figure
+    for not_headline in ("queries", "image_queries", "n_products", "ann_recall_at_100_vs"):
         assert report.split_key(not_headline) is None
 
 
@@ -72,13 +79,13 @@ def test_the_model_is_compared_with_the_strongest_baseline_per_metric():
     rows = report.model_figures(EVALUATED)
     assert [(r.name, r.slice) for r in rows] == [
         ("", ""),
-        ("exact", ""),
         ("bm25", ""),
         ("st_zeroshot_hot", ""),
         ("", "image"),
         ("bm25", "image"),
+        ("", "text"),
     ]
-    # exact search is the model itself, never the rival; the strongest baseline differs per metric
+    # the strongest baseline differs per metric; exact and validation figures never count
     assert report.against_rivals(rows) == [
         "GAUC +0.020 (st_zeroshot_hot)",
         "Recall@10 +0.080 (st_zeroshot_hot)",
@@ -111,9 +118,10 @@ def test_report_shows_baselines_gate_and_champion(tmp_path: Path):
 
     text = report.render(params)
     assert "| **acebert** | 0.750 | 0.390 | 0.800 | 0.300 |" in text
-    assert "| bm25 | 0.650 | 0.220 | 0.590 | - |" in text
+    assert "| BM25 over titles | 0.650 | 0.220 | 0.590 | - |" in text
+    assert "150 test queries, Recall@K over the whole catalogue of 3000 products." in text
     assert "Against the strongest baseline: GAUC +0.100 (bm25)" in text
-    assert "Image slice" in text and "Recall@100 +0.300 (bm25)" in text
+    assert "Image slice (40 queries" in text and "there: Recall@100 +0.300 (bm25)." in text
     assert "Gate: version 2 failed: not promoted (GAUC 0.750, Recall@100 0.800)" in text
     assert "challenged (GAUC 0.770, Recall@100 0.800); failed checks: regression:gauc." in text
     assert "Champion: `models:/ace@champion` is version 1 (acebert; GAUC 0.770)." in text
