@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TRACKING_DIR = Path("mlruns")
 # Where new experiments keep their artifacts, when not beside the SQLite store.
 ARTIFACT_ROOT_ENV = "ACE_ARTIFACT_ROOT"
-# MLflow 3.17's UI files runs of an untagged experiment under GenAI "Evaluations"; this tag marks
-# it as model training (runs, charts) for the UIs and clients that read it.
+# The experiment's declared kind: model training, not a GenAI app, for the MLflow clients and UIs
+# that read it. (MLflow 3.17's own UI picks its view from a sidebar switch, or from
+# `?workflowType=machine_learning` in the address: README.)
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # Every column in which MLflow's SQLite store keeps an absolute artifact path.
 STORED_PATHS = (
