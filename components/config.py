@@ -238,6 +238,8 @@ class PretrainConfig(_Section):
     eval_share: Share = Field(default=0.05, gt=0, lt=1)  # held-out products
     seed: int = 13
     device: str = "auto"
+    # bf16 autocast on CUDA (auto or bf16); fp32 on CPU whatever this says.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     @model_validator(mode="after")
     def _text_fits(self) -> PretrainConfig:
@@ -287,6 +289,7 @@ class FinetuneConfig(_Section):
     epochs: int = Field(default=3, ge=1)
     max_steps: int = Field(default=0, ge=0)  # 0: run `epochs`
     grad_clip: float = Field(default=1.0, gt=0)
+    dropout: float | None = Field(default=None, ge=0, lt=1)  # None: the pre-trained model's
     checkpoint_every: int = Field(default=200, ge=1)
     # Early stopping on the validation days: every `eval_every` steps (0: never) the towers are
     # scored there; the best checkpoint by `select_metric` is kept, and training stops after
@@ -300,6 +303,8 @@ class FinetuneConfig(_Section):
     make: MakeConfig = MakeConfig()
     seed: int = 13
     device: str = "auto"
+    # bf16 autocast on CUDA (auto or bf16); fp32 on CPU whatever this says.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 class DistillConfig(_Section):
@@ -312,6 +317,8 @@ class DistillConfig(_Section):
     epochs: int = Field(default=8, ge=1)
     seed: int = 13
     device: str = "auto"
+    # bf16 autocast on CUDA (auto or bf16); fp32 on CPU whatever this says.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 class IndexConfig(_Section):
