@@ -535,7 +535,8 @@ def test_two_processes_under_torchrun_train_like_one_with_their_global_batch(
             command += ["-S", f"{key}={json.dumps(value)}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if "rror" in l)[-3000:]
+        errors = [line for line in done.stderr.splitlines() if "Error" in line]
+        assert done.returncode == 0, "\n".join(errors)[-3000:]
         runs[name] = artifacts / "finetune"
 
     one, two = (json.loads((runs[n] / ft.HISTORY).read_text()) for n in ("one", "two"))
