@@ -275,6 +275,9 @@ class MakeConfig(_Section):
 
 class FinetuneConfig(_Section):
     embedding_dim: int = Field(default=128, ge=2)  # each tower's L2-normalised output
+    # The product tower's pooling: the mean of all its tokens, or of its text tokens only (the
+    # image reaches them through attention). Queries are text: the mean of their tokens.
+    pooling: Literal["mean", "text"] = "mean"
     gamma: float = Field(default=20.0, gt=0)  # softmax smoothing of the cosine (Eq. 4)
     hot_queries: int = Field(default=10, ge=1)  # per product, most-clicked training queries
     max_query_len: int = Field(default=16, ge=4)

@@ -294,6 +294,7 @@ def _retrieval_config(
     config.classifier_hidden = cfg.adversarial.classifier_hidden
     if cfg.dropout is not None:
         config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.dropout
+    config.product_pooling = cfg.pooling
     config.modal_adaptation = model_cfg.modal_adaptation
     config.modal_gate_hidden = cfg.make.gate_hidden
     return config
