@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -299,9 +300,12 @@ class _PooledTransformers(nn.Module):
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """`auto` picks CUDA when torch sees a GPU; an explicit `cuda` without one is an error."""
+    """`auto` picks CUDA when torch sees a GPU (under torchrun, this process's own: LOCAL_RANK);
+    an explicit `cuda` without one is an error."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     try:
         dev = torch.device(device)
     except RuntimeError as err:

@@ -141,13 +141,21 @@ def stage_run(
     set_: SetOption = None,
 ) -> None:
     """Run one stage as an MLflow run and write its outputs and metrics."""
-    from components import tracking
+    from contextlib import nullcontext
+
+    from components import distributed, tracking
     from components.stages import get_stage, run_stage
 
     stage = get_stage(name)
     params = _params(params_file, set_)
-    # Under `dvc repro` / `dvc exp run`, the stages of one invocation share a parent run.
-    with tracking.dvc_parent_run(params.tracking.experiment, stage.name) as parent:
+    # Under `dvc repro` / `dvc exp run`, the stages of one invocation share a parent run (made
+    # by rank 0 alone under torchrun: the other ranks record nothing).
+    shared = (
+        tracking.dvc_parent_run(params.tracking.experiment, name)
+        if distributed.is_main()
+        else nullcontext()
+    )
+    with shared as parent:
         metrics = run_stage(stage, params, parent_run_id=parent)
     for key, value in metrics.items():
         typer.echo(f"{key}: {value:g}")

@@ -249,6 +249,8 @@ class PretrainConfig(_Section):
     eval_share: Share = Field(default=0.05, gt=0, lt=1)  # held-out products
     seed: int = 13
     device: str = "auto"
+    # bf16 autocast on CUDA (auto or bf16); fp32 on CPU whatever this says.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     @model_validator(mode="after")
     def _text_fits(self) -> PretrainConfig:
@@ -284,6 +286,9 @@ class MakeConfig(_Section):
 
 class FinetuneConfig(_Section):
     embedding_dim: int = Field(default=128, ge=2)  # each tower's L2-normalised output
+    # The product tower's pooling: the mean of all its tokens, or of its text tokens only (the
+    # image reaches them through attention). Queries are text: the mean of their tokens.
+    pooling: Literal["mean", "text"] = "mean"
     gamma: float = Field(default=20.0, gt=0)  # softmax smoothing of the cosine (Eq. 4)
     hot_queries: int = Field(default=10, ge=1)  # per product, most-clicked training queries
     max_query_len: int = Field(default=16, ge=4)
@@ -298,6 +303,7 @@ class FinetuneConfig(_Section):
     epochs: int = Field(default=3, ge=1)
     max_steps: int = Field(default=0, ge=0)  # 0: run `epochs`
     grad_clip: float = Field(default=1.0, gt=0)
+    dropout: float | None = Field(default=None, ge=0, lt=1)  # None: the pre-trained model's
     checkpoint_every: int = Field(default=200, ge=1)
     # Early stopping on the validation days: every `eval_every` steps (0: never) the towers are
     # scored there; the best checkpoint by `select_metric` is kept, and training stops after
@@ -311,6 +317,8 @@ class FinetuneConfig(_Section):
     make: MakeConfig = MakeConfig()
     seed: int = 13
     device: str = "auto"
+    # bf16 autocast on CUDA (auto or bf16); fp32 on CPU whatever this says.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 class DistillConfig(_Section):
@@ -323,6 +331,8 @@ class DistillConfig(_Section):
     epochs: int = Field(default=8, ge=1)
     seed: int = 13
     device: str = "auto"
+    # bf16 autocast on CUDA (auto or bf16); fp32 on CPU whatever this says.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 class IndexConfig(_Section):

@@ -26,8 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from components.backbones import resolve_device
 from components.config import Params
@@ -47,10 +45,12 @@ from components.retrieval import (
     split_days,
     trim,
 )
+from components.trainer import Schedule, Trainer, TrainingTask, to_device
 
 STUDENT_DIR = "student"
 SUMMARY = "distill_summary.json"
 _LAYER_KEY = "ce_bert.bert.encoder.layer."
+_DROPOUT = 1  # the random stream of each step's dropout
 # The whole-catalogue figures reported for teacher and student (slices stay with evaluate).
 REPORTED = ("gauc", "recall_at_10", "recall_at_50", "recall_at_100", "mrr", "ndcg_at_10")
 
@@ -79,6 +79,54 @@ def make_student(teacher: AceBertForRetrieval, layers: int) -> AceBertForRetriev
         state[key] = value.clone()
     student.load_state_dict(state)  # strict: every student weight comes from the teacher
     return student
+
+
+class DistillTask(TrainingTask):
+    """One distillation step: the student follows the teacher's query embeddings (cosine) and
+    its ranking of the catalogue (KL at temperature 1 / gamma)."""
+
+    def __init__(
+        self,
+        student: AceBertForRetrieval,
+        ids: np.ndarray,
+        targets: torch.Tensor,
+        products: torch.Tensor,
+        params: Params,
+        pad_id: int,
+        device: torch.device,
+    ) -> None:
+        self.student, self.ids, self.targets, self.products = student, ids, targets, products
+        self.cfg, self.gamma, self.pad_id, self.device = (
+            params.distill,
+            params.finetune.gamma,
+            pad_id,
+            device,
+        )
+        self.steps_per_epoch = -(-len(ids) // self.cfg.batch_size)
+        self.total_steps = self.cfg.epochs * self.steps_per_epoch
+        self._epoch, self._order = -1, np.arange(0)
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float], int]:
+        cfg = self.cfg
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.ids))
+        rows = self._order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
+        input_ids, mask = trim(self.ids[rows], self.pad_id)
+        batch = to_device({"input_ids": input_ids, "attention_mask": mask}, self.device)
+        q = self.student.encode_queries(**batch)
+        teacher_q = self.targets[rows]
+        cosine = (1 - (q * teacher_q).sum(-1)).mean()
+        loss = cosine
+        record = {"cosine_loss": cosine.item()}
+        if cfg.retrieval_weight > 0:
+            log_student = F.log_softmax(self.gamma * q @ self.products.T, -1)
+            log_teacher = F.log_softmax(self.gamma * teacher_q @ self.products.T, -1)
+            kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+            loss = loss + cfg.retrieval_weight * kl
+            record["ranking_kl"] = kl.item()
+        return loss, record, len(rows)
 
 
 def distill(params: Params, out_dir: Path, progress: bool = True) -> dict[str, float]:
@@ -121,39 +169,21 @@ def distill(params: Params, out_dir: Path, progress: bool = True) -> dict[str, f
         embed_queries(teacher, tokenizer, texts, max_len, params.evaluate.batch_size, device)
     ).to(device)
 
-    gamma = params.finetune.gamma
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate)
-    steps_per_epoch = -(-len(texts) // cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total), total)
-    history: list[dict[str, float]] = []
-    student.train()
-    bar = tqdm(total=total, desc="distill", unit="step", disable=not progress)
-    for epoch in range(cfg.epochs):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(texts))
-        for begin in range(0, len(order), cfg.batch_size):
-            rows = order[begin : begin + cfg.batch_size]
-            input_ids, mask = trim(ids[rows], tokenizer.pad_token_id)
-            q = student.encode_queries(input_ids.to(device), mask.to(device))
-            teacher_q = targets[rows]
-            cosine = (1 - (q * teacher_q).sum(-1)).mean()
-            loss = cosine
-            record = {"cosine_loss": cosine.item()}
-            if cfg.retrieval_weight > 0:
-                log_student = F.log_softmax(gamma * q @ products_t.T, -1)
-                log_teacher = F.log_softmax(gamma * teacher_q @ products_t.T, -1)
-                kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
-                loss = loss + cfg.retrieval_weight * kl
-                record["ranking_kl"] = kl.item()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.append({"step": len(history) + 1, "loss": loss.item(), **record})
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            bar.update()
-    bar.close()
+    task = DistillTask(student, ids, targets, products_t, params, tokenizer.pad_token_id, device)
+    schedule = Schedule(
+        name="distill",
+        total_steps=task.total_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=0.01,  # AdamW's default, as before the one Trainer
+        warmup_steps=cfg.warmup_steps,
+        grad_clip=1.0,
+        seed=cfg.seed,
+        dropout_stream=_DROPOUT,
+        precision=cfg.precision,
+    )
+    trainer = Trainer(student, task, schedule, device, tokenizer)
+    trainer.run(progress)
+    history = trainer.history
     student.eval()
 
     # Recall on the test days against the teacher's product embeddings, both ranked the way they
@@ -180,6 +210,7 @@ def distill(params: Params, out_dir: Path, progress: bool = True) -> dict[str, f
         teacher_layers=float(teacher.config.num_hidden_layers),
         texts=float(len(texts)),
         final_cosine_loss=float(np.mean([h["cosine_loss"] for h in history[-20:]])),
+        samples_per_second=trainer.samples / trainer.seconds if trainer.seconds else 0.0,
         seconds=time.perf_counter() - start,
     )
 

@@ -50,10 +50,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
-from transformers import BertTokenizerFast, get_linear_schedule_with_warmup
+from transformers import BertTokenizerFast
 
-from components import checkpoints
+from components import checkpoints, distributed
 from components.adversary import Adversary, balanced_accuracy
 from components.backbones import resolve_device
 from components.config import FinetuneConfig, ModelConfig, Params
@@ -84,14 +83,13 @@ from components.retrieval import (
     split_days,
     trim,
 )
-from components.training import check_schedule, log_step, parameter_groups, step_seed
+from components.trainer import Schedule, Trainer, TrainingTask, log_step, to_device
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
 FINISHED_DIR = "finished"  # under the work folder: one finished run per fingerprint
-BEST_DIR = "best"  # under the checkpoints: the weights of the best validation so far
 HISTORY = "history.json"
 CURVE = "training_curve.png"
 SUMMARY = "finetune_summary.json"
@@ -148,6 +146,7 @@ def finetune(
     start = time.perf_counter()
     cfg, model_cfg = params.finetune, params.model
     device = resolve_device(cfg.device)
+    distributed.setup(device)
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
     artifacts = params.paths.artifacts_dir
@@ -175,6 +174,8 @@ def finetune(
     fingerprint = _fingerprint(params, pretrained, pairs, catalogue, validation)
     finished = work_dir / FINISHED_DIR / fingerprint
     if (finished / MODEL_DIR / SUMMARY).exists():
+        if not distributed.is_main():
+            return {}
         log.info("fine-tuning of these inputs and settings already finished: reusing %s", finished)
         checkpoints.replace_tree(finished, out_dir)
         summary = json.loads((out_dir / MODEL_DIR / SUMMARY).read_text(encoding="utf-8"))
@@ -187,25 +188,26 @@ def finetune(
     if checkpoint is not None:
         checkpoints.load_weights(model, checkpoint)
     else:
-        shutil.rmtree(checkpoint_root, ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(checkpoint_root, ignore_errors=True)
         encoder = CeBertModel.from_pretrained(pretrained)
         model.ce_bert.load_state_dict(encoder.state_dict())  # strict: every encoder weight
     model.to(device)
 
     query_ids = encode_texts(tokenizer, pairs.queries, cfg.max_query_len)
-    trainer = _Trainer(
-        model, tokenizer, catalogue, pairs, query_ids, params, device, hot, validation
-    )
+    task = FinetuneTask(model, tokenizer, catalogue, pairs, query_ids, params, device, hot)
+    task.validation = validation if cfg.eval_every else None
     if keywords:
-        trainer.keyword_targets = torch.from_numpy(
+        task.keyword_targets = torch.from_numpy(
             keyword_targets(pairs.queries, keywords, len(keyword_vocabulary))
         )
-    trainer.checkpoint_root, trainer.fingerprint = checkpoint_root, fingerprint
+    trainer = make_trainer(model, task, params, device, tokenizer, checkpoint_root, fingerprint)
     if checkpoint is not None:
         trainer.resume(checkpoint)
-        log.info("resuming fine-tuning at step %d from %s", trainer.first_step, checkpoint)
     trainer.run(progress)
     best_step = trainer.restore_best()
+    if not distributed.is_main():
+        return {}
 
     model_dir = out_dir / MODEL_DIR
     shutil.rmtree(model_dir, ignore_errors=True)
@@ -231,14 +233,14 @@ def finetune(
         if (values := [h[key] for h in trainer.history if key in h])
     }
     metrics.update(
-        steps=float(trainer.total_steps),
-        epochs=trainer.total_steps / trainer.steps_per_epoch,
+        steps=float(task.total_steps),
+        epochs=task.total_steps / task.steps_per_epoch,
         n_pairs=float(len(pairs)),
         n_train_queries=float(len(pairs.queries)),
         n_products=float(len(catalogue)),
         products_with_hot_queries=float(sum(pid in hot for pid in catalogue.product_ids)),
         queries_with_keywords=float(len(keywords)),
-        same_category_negative_share=float(np.mean(trainer.shares)) if trainer.shares else 0.0,
+        same_category_negative_share=float(np.mean(task.shares)) if task.shares else 0.0,
         samples_per_second=trainer.samples / trainer.seconds if trainer.seconds else 0.0,
         seconds=time.perf_counter() - start,
     )
@@ -247,7 +249,7 @@ def finetune(
         metrics.update(
             best_step=float(best_step),
             stopped_early=float(trainer.stopped_at is not None),
-            steps_trained=float(trainer.stopped_at or trainer.total_steps),
+            steps_trained=float(trainer.stopped_at or task.total_steps),
             **{k: v for k, v in best.items() if k.startswith("val_")},
         )
     summary = {
@@ -290,12 +292,58 @@ def _retrieval_config(
         )
     config.embedding_dim = cfg.embedding_dim
     config.classifier_hidden = cfg.adversarial.classifier_hidden
+    if cfg.dropout is not None:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.dropout
+    config.product_pooling = cfg.pooling
     config.modal_adaptation = model_cfg.modal_adaptation
     config.modal_gate_hidden = cfg.make.gate_hidden
     return config
 
 
-class _Trainer:
+def make_trainer(
+    model: AceBertForRetrieval,
+    task: FinetuneTask,
+    params: Params,
+    device: torch.device,
+    tokenizer: BertTokenizerFast,
+    checkpoint_root: Path | None = None,
+    fingerprint: str = "",
+) -> Trainer:
+    """The one Trainer, scheduled by the `finetune` params."""
+    cfg = params.finetune
+    schedule = Schedule(
+        name="finetune",
+        total_steps=task.total_steps,
+        learning_rate=cfg.learning_rate,
+        head_learning_rate=cfg.head_learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        grad_clip=cfg.grad_clip,
+        seed=cfg.seed,
+        dropout_stream=_DROPOUT,
+        checkpoint_every=cfg.checkpoint_every,
+        eval_every=cfg.eval_every if task.validation is not None else 0,
+        patience=cfg.patience,
+        select_metric=cfg.select_metric,
+        precision=cfg.precision,
+    )
+    # log_step is looked up here at call time, so a caller can intercept the records.
+    return Trainer(
+        model,
+        task,
+        schedule,
+        device,
+        tokenizer,
+        checkpoint_root,
+        fingerprint,
+        is_head=is_new_layer,
+        on_step=lambda step, record: log_step(step, record),
+    )
+
+
+class FinetuneTask(TrainingTask):
+    """One fine-tuning step: the two towers on a mixed negative batch (see the module doc)."""
+
     def __init__(
         self,
         model: AceBertForRetrieval,
@@ -306,54 +354,83 @@ class _Trainer:
         params: Params,
         device: torch.device,
         hot: dict[str, list[str]] | None = None,
-        validation: RetrievalEvaluator | None = None,
     ) -> None:
         cfg = params.finetune
         self.hot = hot or {}
-        self.validation = validation if cfg.eval_every else None
-        self.eval_batch = params.evaluate.batch_size
         self.model, self.tokenizer, self.catalogue, self.pairs = model, tokenizer, catalogue, pairs
         self.query_ids, self.cfg, self.device = query_ids, cfg, device
-        self.adversarial = params.model.adversarial
+        self.eval_batch = params.evaluate.batch_size
         self.pair_categories = catalogue.categories[pairs.product]
         self.keys = pairs.keys(len(catalogue))
-        self.steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+        # Under torchrun each of N ranks holds batch_size rows of a global batch N times larger.
+        self.global_batch = cfg.batch_size * distributed.world_size()
+        self.steps_per_epoch = math.ceil(len(pairs) / self.global_batch)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        groups = parameter_groups(
-            model,
-            cfg.learning_rate,
-            cfg.head_learning_rate,
-            cfg.weight_decay,
-            is_new_layer,
-            skip=lambda name: name.startswith("domain_classifier."),
-        )
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
-        warmup = check_schedule("finetune", cfg.warmup_steps, self.total_steps)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
         self.adversary = (
             Adversary(model.domain_classifier, cfg.adversarial, self.total_steps)
-            if self.adversarial
+            if params.model.adversarial
             else None
         )
-        self.first_step = 0
-        self.history: list[dict[str, float]] = []
-        self.shares: list[float] = []
-        self.samples, self.seconds = 0, 0.0
-        self.checkpoint_root: Path | None = None
-        self.fingerprint = ""
-        self.stopped_at: int | None = None  # the step early stopping ended the run at
+        self.validation: RetrievalEvaluator | None = None
         self.keyword_targets: torch.Tensor | None = None  # (training queries, keywords): MAKE
+        self.shares: list[float] = []
+        self._epoch, self._batches = -1, []
+
+    def trained_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [
+            (n, p) for n, p in model.named_parameters() if not n.startswith("domain_classifier.")
+        ]
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.cfg.seed, _EPOCH, epoch])
         return mixed_negative_batches(
-            self.pair_categories, self.cfg.partitions, self.cfg.batch_size, rng
+            self.pair_categories, self.cfg.partitions, self.global_batch, rng
         )
 
-    def tower_step(self, rows: np.ndarray, step: int) -> dict[str, float]:
-        """One update of the towers on these pairs; the classifier's weights stay as they are."""
+    def rows(self, step: int) -> np.ndarray:
+        """The global batch of training pairs of this step."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self.epoch_batches(epoch)
+            self.shares.append(same_category_share(self._batches, self.pair_categories))
+        return self._batches[index % len(self._batches)]
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float], int]:
+        """Eq. 5 over the global batch (this rank encodes its slice; embeddings are gathered
+        with their gradients), + the adversary's term, + MAKE's keyword loss."""
         model, cfg = self.model, self.cfg
+        rows = self.rows(step)
         query, product = self.pairs.query[rows], self.pairs.product[rows]
+        mine = distributed.shard(np.arange(len(rows)), len(rows))
+        q, p = self.embed(query[mine], product[mine])
+        q, p = distributed.gather(q, len(rows)), distributed.gather(p, len(rows))
+        positives = also_positive(query, product, self.keys, len(self.catalogue)).to(self.device)
+        main = semantic_matching_loss(q.float(), p.float(), cfg.gamma, positives)
+        record = {"main_loss": main.item()}
+        loss = main
+        if self.keyword_targets is not None:
+            keyword = model.keyword_loss(q, self.keyword_targets[query].to(self.device))
+            loss = loss + cfg.make.keyword_weight * keyword
+            record["keyword_loss"] = keyword.item()
+        if self.adversary is not None:
+            term = self.adversary.tower_loss(q, p, step)
+            loss = loss + term
+            with torch.no_grad():
+                record["adv_loss"] = domain_loss(model.domain_classifier, q, p).item()
+            record["adv_weight"] = self.adversary.weight(step)
+            if step % cfg.adversarial.log_every == 0:
+                record["adv_grad_ratio"] = gradient_ratio(term, main, (q, p))
+            self.adversary.observe(q, p)
+        return loss, record, len(rows)
+
+    def embed(self, query: np.ndarray, product: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers' embeddings of these training pairs (products read their hot queries
+        without the pair's own query)."""
+        model, cfg = self.model, self.cfg
+        if not len(query):  # an empty slice of a global batch smaller than the ranks
+            dim = model.config.embedding_dim
+            empty = torch.zeros((0, dim), device=self.device, requires_grad=True)
+            return empty, empty
         q_ids, q_mask = trim(self.query_ids[query], self.tokenizer.pad_token_id)
         p_batch = self.catalogue.inputs(product)
         if self.hot:
@@ -367,42 +444,30 @@ class _Trainer:
             )
             ids = encode_texts(self.tokenizer, texts, cfg.max_product_text_len)
             p_batch["input_ids"], p_batch["attention_mask"] = trim(ids, self.tokenizer.pad_token_id)
-        torch.manual_seed(step_seed(cfg.seed, _DROPOUT, step))  # dropout, resumable
-        q = model.encode_queries(q_ids.to(self.device), q_mask.to(self.device))
-        p = model.encode_products(**{k: v.to(self.device) for k, v in p_batch.items()})
-        positives = also_positive(query, product, self.keys, len(self.catalogue)).to(self.device)
-        main = semantic_matching_loss(q, p, cfg.gamma, positives)
-        record = {"main_loss": main.item()}
-        loss = main
-        if self.keyword_targets is not None:
-            keyword = model.keyword_loss(q, self.keyword_targets[query].to(self.device))
-            loss = loss + cfg.make.keyword_weight * keyword
-            record["keyword_loss"] = keyword.item()
-        if self.adversary is not None:
-            term = self.adversary.tower_loss(q, p, step)
-            loss = main + term
-            with torch.no_grad():
-                record["adv_loss"] = domain_loss(model.domain_classifier, q, p).item()
-            record["adv_weight"] = self.adversary.weight(step)
-            if step % cfg.adversarial.log_every == 0:
-                record["adv_grad_ratio"] = gradient_ratio(term, main, (q, p))
-            self.adversary.observe(q, p)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.tower_parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        record["loss"] = loss.item()
-        record["lr"] = self.scheduler.get_last_lr()[0]
-        return record
+        q_batch = to_device({"input_ids": q_ids, "attention_mask": q_mask}, self.device)
+        q = model.encode_queries(**q_batch)
+        return q, model.encode_products(**to_device(p_batch, self.device))
 
-    @property
-    def best_dir(self) -> Path:
-        assert self.checkpoint_root is not None
-        return self.checkpoint_root / BEST_DIR
+    def after_update(self, step: int) -> dict[str, float]:
+        if self.adversary is not None and self.adversary.due():
+            return self.adversary.classifier_steps()
+        return {}
+
+    def can_checkpoint(self) -> bool:
+        """Checkpoints fall between adversarial rounds: no embeddings are pending then."""
+        return self.adversary is None or not self.adversary.pending
+
+    def states(self) -> dict[str, object]:
+        if self.adversary is None:
+            return {}
+        return {"classifier_optimizer": self.adversary.optimizer.state_dict()}
+
+    def load_states(self, states: dict[str, object]) -> None:
+        if self.adversary is not None:
+            self.adversary.optimizer.load_state_dict(states["classifier_optimizer"])
 
     def validate(self, step: int) -> dict[str, float]:
-        """The towers on the validation days (exact search); the best so far is saved aside."""
+        """The towers on the validation days (exact search), and the modality gap."""
         assert self.validation is not None
         model, tokenizer, cfg = self.model, self.tokenizer, self.cfg
         products = embed_products(model, self.catalogue, self.eval_batch, self.device, False)
@@ -419,118 +484,7 @@ class _Trainer:
         record.update(modality_gap(queries, products, cfg.seed))
         if self.adversary is not None:
             record.update(held_out_classifier(model.domain_classifier, queries, products))
-        best = self.best()
-        if best is None or record[f"val_{cfg.select_metric}"] > best[1]:
-            shutil.rmtree(self.best_dir, ignore_errors=True)
-            model.save_pretrained(self.best_dir)
         return record
-
-    def evaluations(self) -> list[tuple[int, float]]:
-        """(step, validation figure) of every evaluation so far, from the history."""
-        key = f"val_{self.cfg.select_metric}"
-        return [(int(h["step"]), h[key]) for h in self.history if key in h]
-
-    def best(self) -> tuple[int, float] | None:
-        """(step, figure) of the best evaluation so far (the earliest of equals)."""
-        done = self.evaluations()
-        return max(done, key=lambda e: (e[1], -e[0])) if done else None
-
-    def patience_spent(self) -> bool:
-        """`patience` evaluations in a row without beating the best before them."""
-        done, patience = self.evaluations(), self.cfg.patience
-        if not patience or len(done) <= patience:
-            return False
-        best_before = max(figure for _, figure in done[:-patience])
-        return all(figure <= best_before for _, figure in done[-patience:])
-
-    def restore_best(self) -> int | None:
-        """Load the best evaluation's weights into the model; its step (None: no evaluation)."""
-        best = self.best()
-        if best is None:
-            return None
-        checkpoints.load_weights(self.model, self.best_dir)
-        return best[0]
-
-    def resume(self, checkpoint: Path) -> None:
-        states = checkpoints.load_states(checkpoint)
-        self.optimizer.load_state_dict(states["optimizer"])
-        self.scheduler.load_state_dict(states["scheduler"])
-        if self.adversary is not None:
-            self.adversary.optimizer.load_state_dict(states["classifier_optimizer"])
-        state = checkpoints.read_state(checkpoint)
-        self.first_step, self.history = int(state["step"]), list(state["history"])
-
-    def save(self, step: int) -> None:
-        assert self.checkpoint_root is not None
-        states = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
-        if self.adversary is not None:
-            states["classifier_optimizer"] = self.adversary.optimizer.state_dict()
-        checkpoints.save(
-            self.checkpoint_root,
-            step,
-            self.model,
-            self.tokenizer,
-            states,
-            self.fingerprint,
-            self.history,
-        )
-
-    def run(self, progress: bool) -> None:
-        cfg = self.cfg
-        self.model.train()
-        batches, batches_epoch = [], -1
-        due = False
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.first_step,
-            desc="finetune",
-            unit="step",
-            disable=not progress,
-        )
-        start = time.perf_counter()
-        for step in range(self.first_step, self.total_steps):
-            epoch, index = divmod(step, self.steps_per_epoch)
-            if epoch != batches_epoch:
-                batches, batches_epoch = self.epoch_batches(epoch), epoch
-                self.shares.append(same_category_share(batches, self.pair_categories))
-            rows = batches[index % len(batches)]
-            record = self.tower_step(rows, step)
-            if self.adversary is not None and self.adversary.due():
-                record.update(self.adversary.classifier_steps())
-            self.samples += len(rows)
-            self.history.append({"step": step + 1, **record})
-            log_step(step + 1, record)
-            self.seconds = time.perf_counter() - start
-            bar.set_postfix(
-                loss=f"{record['main_loss']:.3f}", pairs_s=f"{self.samples / self.seconds:.1f}"
-            )
-            bar.update()
-            last = step + 1 == self.total_steps
-            if self.validation is not None and ((step + 1) % cfg.eval_every == 0 or last):
-                scored = self.validate(step + 1)
-                self.history[-1].update(scored)
-                log_step(step + 1, scored)
-                log.info(
-                    "finetune step %d/%d: validation %s %.4f",
-                    step + 1,
-                    self.total_steps,
-                    cfg.select_metric,
-                    scored[f"val_{cfg.select_metric}"],
-                )
-                self.model.train()
-                if self.patience_spent():
-                    self.stopped_at = step + 1
-                    break
-            # Checkpoints fall between adversarial rounds: no embeddings are pending then.
-            due = due or (step + 1) % cfg.checkpoint_every == 0
-            pending = self.adversary is not None and self.adversary.pending
-            if due and not pending and not last:
-                self.save(step + 1)
-                due = False
-        bar.close()
 
 
 def gradient_ratio(term: torch.Tensor, main: torch.Tensor, at: tuple[torch.Tensor, ...]) -> float:

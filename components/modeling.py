@@ -63,6 +63,7 @@ class CeBertConfig(BertConfig):
         classifier_hidden: int = 64,
         sep_token_id: int = 3,
         tip_pooling: str = "cls",
+        product_pooling: str = "mean",
         modal_adaptation: bool = False,
         modal_gate_hidden: int = 64,
         n_keywords: int = 0,
@@ -83,6 +84,9 @@ class CeBertConfig(BertConfig):
         self.classifier_hidden = classifier_hidden  # ACE-BERT's domain classifier
         self.sep_token_id = sep_token_id
         self.tip_pooling = tip_pooling
+        # The product tower's pooling: "mean" of every real token, or "text": the text tokens'
+        # mean (the image reaches it through attention); modal adaptation overrides both.
+        self.product_pooling = product_pooling
         self.modal_adaptation = modal_adaptation  # MAKE: per-product text/image weights
         self.modal_gate_hidden = modal_gate_hidden
         self.n_keywords = n_keywords  # MAKE: keyword-prediction head of the query tower
@@ -397,10 +401,13 @@ class AceBertForRetrieval(CeBertPreTrainedModel):
         self, sequence: torch.Tensor, text_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(pooled state, (text, image) weights or None). Without modal adaptation: the mean of
-        every real token. With it: the text tokens' mean and the image tokens' mean, mixed by
-        a softmax gate over both (MAKE), so each product weighs its title and image itself."""
+        every real token (`product_pooling` "mean") or of the text tokens ("text"). With it: the
+        text tokens' mean and the image tokens' mean, mixed by a softmax gate over both (MAKE),
+        so each product weighs its title and image itself."""
         text_len = text_mask.shape[1]
         if self.modality_gate is None or sequence.shape[1] == text_len:
+            if self.config.product_pooling == "text":
+                return mean_pool(sequence[:, :text_len], text_mask), None
             return mean_pool(sequence, text_mask), None
         mask = text_mask.to(sequence.dtype).unsqueeze(-1)
         text = (sequence[:, :text_len] * mask).sum(1) / mask.sum(1)

@@ -51,10 +51,9 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from tqdm import tqdm
-from transformers import BertConfig, BertTokenizerFast, get_linear_schedule_with_warmup
+from transformers import BertConfig, BertTokenizerFast
 
-from components import checkpoints, pretrained
+from components import checkpoints, distributed, pretrained
 from components.backbones import resolve_device
 from components.config import ModelConfig, Params, PretrainConfig
 from components.errors import AceError, DataError
@@ -69,7 +68,7 @@ from components.modeling import (
 from components.plots import plot_history
 from components.retrieval import encode_texts, split_days
 from components.tokenizer import train_wordpiece
-from components.training import check_schedule, log_step, parameter_groups, step_seed
+from components.trainer import Schedule, Trainer, TrainingTask, log_step, to_device
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +323,7 @@ def pretrain(
     start = time.perf_counter()
     cfg, model_cfg = params.pretrain, params.model
     device = resolve_device(cfg.device)
+    distributed.setup(device)
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
     artifacts = params.paths.artifacts_dir
@@ -334,6 +334,8 @@ def pretrain(
     fingerprint = _fingerprint(params, products, impressions, store)
     finished = work_dir / FINISHED_DIR / fingerprint
     if (finished / MODEL_DIR / SUMMARY).exists():
+        if not distributed.is_main():
+            return {}
         log.info("pre-training of these inputs and settings already finished: reusing %s", finished)
         checkpoints.replace_tree(finished, out_dir)
         summary = json.loads((out_dir / MODEL_DIR / SUMMARY).read_text(encoding="utf-8"))
@@ -348,7 +350,8 @@ def pretrain(
         model = CeBertForPreTraining(CeBertConfig.from_pretrained(checkpoint))
         checkpoints.load_weights(model, checkpoint)
     else:
-        shutil.rmtree(checkpoint_root, ignore_errors=True)  # another run's: unusable
+        if distributed.is_main():
+            shutil.rmtree(checkpoint_root, ignore_errors=True)  # another run's: unusable
         if cfg.init_from:
             tokenizer = BertTokenizerFast.from_pretrained(pretrained.resolve(cfg.init_from))
         else:
@@ -365,11 +368,36 @@ def pretrain(
     train_set, eval_set = (
         _dataset(ids, titles, store, model_cfg, tokenizer, cfg) for ids in (train_ids, eval_ids)
     )
-    trainer = _Trainer(model, tokenizer, train_set, cfg, device, checkpoint_root, fingerprint)
+    task = PretrainTask(model, train_set, cfg, device)
+    schedule = Schedule(
+        name="pretrain",
+        total_steps=task.total_steps,
+        learning_rate=cfg.learning_rate,
+        head_learning_rate=cfg.head_learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        grad_clip=cfg.grad_clip,
+        seed=cfg.seed,
+        dropout_stream=_DROPOUT,
+        checkpoint_every=cfg.checkpoint_every,
+        precision=cfg.precision,
+    )
+    trainer = Trainer(
+        model,
+        task,
+        schedule,
+        device,
+        tokenizer,
+        checkpoint_root,
+        fingerprint,
+        is_head=is_new_layer,
+        on_step=lambda step, record: log_step(step, record),  # looked up at call time
+    )
     if checkpoint is not None:
         trainer.resume(checkpoint)
-        log.info("resuming pre-training at step %d from %s", trainer.first_step, checkpoint)
     trainer.run(progress)
+    if not distributed.is_main():
+        return {}
 
     tasks = ["mlm"] + (["mpm"] if train_set.patches is not None else [])
     tasks += ["tip"] if train_set.tip else []
@@ -377,8 +405,8 @@ def pretrain(
     for key in ("loss", *(f"{t}_loss" for t in tasks)):
         metrics[f"final_{key}"] = float(np.mean([h[key] for h in trainer.history[-_FINAL_WINDOW:]]))
     metrics.update(
-        steps=float(trainer.total_steps),
-        epochs=trainer.total_steps / trainer.steps_per_epoch,
+        steps=float(task.total_steps),
+        epochs=task.total_steps / task.steps_per_epoch,
         samples_per_second=trainer.samples / trainer.seconds if trainer.seconds else 0.0,
         n_train_products=float(len(train_ids)),
         n_eval_products=float(len(eval_ids)),
@@ -414,103 +442,44 @@ def pretrain(
     return metrics
 
 
-class _Trainer:
-    """The optimisation loop: AdamW, linear warm-up and decay, clipping, checkpoints."""
+class PretrainTask(TrainingTask):
+    """One pre-training step: MLM + MPM + TIP on a mini-batch of pairs (see the module doc)."""
 
     def __init__(
         self,
         model: CeBertForPreTraining,
-        tokenizer: BertTokenizerFast,
         data: PairDataset,
         cfg: PretrainConfig,
         device: torch.device,
-        checkpoint_root: Path,
-        fingerprint: str,
     ) -> None:
-        self.model, self.tokenizer, self.data, self.cfg = model, tokenizer, data, cfg
-        self.device, self.fingerprint = device, fingerprint
-        self.checkpoint_root = checkpoint_root
+        self.model, self.data, self.cfg, self.device = model, data, cfg, device
+        self.weights = (cfg.loss_weights.mlm, cfg.loss_weights.mpm, cfg.loss_weights.tip)
+        # Under torchrun each of N ranks holds batch_size pairs of a global batch N times larger.
+        self.global_batch = cfg.batch_size * distributed.world_size()
         samples_per_epoch = len(data) * (1 + data.negatives)
-        self.steps_per_epoch = math.ceil(samples_per_epoch / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(samples_per_epoch / self.global_batch)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        groups = parameter_groups(
-            model, cfg.learning_rate, cfg.head_learning_rate, cfg.weight_decay, is_new_layer
-        )
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
-        warmup = check_schedule("pretrain", cfg.warmup_steps, self.total_steps)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
-        self.first_step = 0
-        self.history: list[dict[str, float]] = []
-        self.samples = 0  # trained in this process, for samples/s
-        self.seconds = 0.0
+        self._epoch, self._pairs = -1, None
 
-    def resume(self, checkpoint: Path) -> None:
-        states = checkpoints.load_states(checkpoint)
-        self.optimizer.load_state_dict(states["optimizer"])
-        self.scheduler.load_state_dict(states["scheduler"])
-        state = checkpoints.read_state(checkpoint)
-        self.first_step, self.history = int(state["step"]), list(state["history"])
-
-    def run(self, progress: bool) -> None:
-        cfg, model = self.cfg, self.model
-        weights = (cfg.loss_weights.mlm, cfg.loss_weights.mpm, cfg.loss_weights.tip)
-        model.train()
-        pairs, pairs_epoch = None, -1
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.first_step,
-            desc="pretrain",
-            unit="step",
-            disable=not progress,
-        )
-        start = time.perf_counter()
-        for step in range(self.first_step, self.total_steps):
-            epoch, index = divmod(step, self.steps_per_epoch)
-            if epoch != pairs_epoch:
-                pairs = self.data.pairs(np.random.default_rng([cfg.seed, _EPOCH, epoch]))
-                pairs_epoch = epoch
-            chunk = pairs.slice(index * cfg.batch_size, (index + 1) * cfg.batch_size)
-            rng = np.random.default_rng([cfg.seed, _BATCH, epoch, index])
-            batch = _to(self.data.collate(chunk, rng), self.device)
-            torch.manual_seed(step_seed(cfg.seed, _DROPOUT, step))  # dropout, resumable
-            out = model(**batch, loss_weights=weights)
-            out.loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.samples += len(chunk)
-
-            record = {"loss": out.loss.item(), "lr": self.scheduler.get_last_lr()[0]}
-            for task in ("mlm", "mpm", "tip"):
-                value = getattr(out, f"{task}_loss")
-                if value is not None:
-                    record[f"{task}_loss"] = value.item()
-            self.history.append({"step": step + 1, **record})
-            log_step(step + 1, record)
-            self.seconds = time.perf_counter() - start
-            bar.set_postfix(
-                loss=f"{record['loss']:.3f}", samples_s=f"{self.samples / self.seconds:.1f}"
-            )
-            bar.update()
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < self.total_steps:
-                self.save(step + 1)
-        bar.close()
-
-    def save(self, step: int) -> Path:
-        states = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
-        return checkpoints.save(
-            self.checkpoint_root,
-            step,
-            self.model,
-            self.tokenizer,
-            states,
-            self.fingerprint,
-            self.history,
-        )
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float], int]:
+        cfg = self.cfg
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._pairs = self.data.pairs(np.random.default_rng([cfg.seed, _EPOCH, epoch]))
+        size = self.global_batch
+        chunk = self._pairs.slice(index * size, (index + 1) * size)
+        rng = np.random.default_rng([cfg.seed, _BATCH, epoch, index])
+        batch = self.data.collate(chunk, rng)  # masks drawn for the whole global batch
+        rows = distributed.shard(np.arange(len(chunk)), len(chunk))
+        batch = to_device({k: v[rows] for k, v in batch.items()}, self.device)
+        out = self.model(**batch, loss_weights=self.weights)
+        record = {}
+        for task in ("mlm", "mpm", "tip"):
+            value = getattr(out, f"{task}_loss")
+            if value is not None:
+                record[f"{task}_loss"] = value.item()
+        return out.loss, record, len(chunk)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import mlflow
 import pandas as pd
 import yaml
 
-from components import contract, plot_data, report, tracking
+from components import contract, distributed, plot_data, report, tracking
 from components.config import Params
 from components.errors import AceError
 
@@ -54,6 +54,8 @@ class Stage:
     description: str
     # Outputs DVC keeps in place across runs: the stage reuses what is still valid in them.
     persist: bool = False
+    # Trains data-parallel under torchrun (every rank runs it); other stages run on rank 0 only.
+    distributed: bool = False
     plots: tuple[PlotData, ...] = ()
 
     def metrics_file(self, params: Params) -> Path:
@@ -109,8 +111,9 @@ def _pretrain(params: Params) -> Metrics:
 
     out_dir = stage_dir(params, "pretrain")
     metrics = pretrain(params, out_dir)
-    _log_training("pretrain", out_dir, MODEL_DIR, (HISTORY, CURVE))
-    _training_curves(params, "pretrain", out_dir, HISTORY)
+    if distributed.is_main():
+        _log_training("pretrain", out_dir, MODEL_DIR, (HISTORY, CURVE))
+        _training_curves(params, "pretrain", out_dir, HISTORY)
     return metrics
 
 
@@ -119,8 +122,9 @@ def _finetune(params: Params) -> Metrics:
 
     out_dir = stage_dir(params, "finetune")
     metrics = finetune(params, out_dir)
-    _log_training("finetune", out_dir, MODEL_DIR, (HISTORY, CURVE))
-    _training_curves(params, "finetune", out_dir, HISTORY)
+    if distributed.is_main():
+        _log_training("finetune", out_dir, MODEL_DIR, (HISTORY, CURVE))
+        _training_curves(params, "finetune", out_dir, HISTORY)
     return metrics
 
 
@@ -225,12 +229,14 @@ STAGES: tuple[Stage, ...] = (
             "components/modeling.py",
             "components/tokenizer.py",
             "components/checkpoints.py",
-            "components/training.py",
+            "components/trainer.py",
+            "components/distributed.py",
             "components/pretrained.py",
         ),
         deps=lambda p: [stage_dir(p, "validate"), stage_dir(p, "features")],
         outs=lambda p: [stage_dir(p, "pretrain")],
         description="CE-BERT pre-training: MLM + masked patch KL + text-image prediction.",
+        distributed=True,
         plots=(PlotData("pretrain", x="step"),),
     ),
     Stage(
@@ -244,12 +250,14 @@ STAGES: tuple[Stage, ...] = (
             "components/checkpoints.py",
             "components/adversary.py",
             "components/keywords.py",
-            "components/training.py",
+            "components/trainer.py",
+            "components/distributed.py",
             "components/evaluator.py",
         ),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "pretrain")],
         outs=lambda p: [stage_dir(p, "finetune")],
         description="ACE-BERT fine-tuning: two towers, in-batch softmax, mixed negatives.",
+        distributed=True,
         plots=(PlotData("finetune", x="step"),),
     ),
     Stage(
@@ -313,7 +321,11 @@ def get_stage(name: str) -> Stage:
 
 
 def run_stage(stage: Stage, params: Params, parent_run_id: str | None = None) -> Metrics:
-    """Run one stage as an MLflow run (nested under `parent_run_id`) and write its metrics."""
+    """Run one stage as an MLflow run (nested under `parent_run_id`) and write its metrics.
+
+    Under torchrun, ranks other than 0 only train (data-parallel stages) and record nothing."""
+    if not distributed.is_main():
+        return stage.run(params) if stage.distributed else {}
     section_params = {name: params.value(name) for name in stage.params}
     section_params["profile"] = params.profile or "none"
     with tracking.stage_run(

@@ -35,6 +35,7 @@ from components.modeling import (
 )
 from components.pretrain import pretrain
 from components.retrieval import hot_queries, leave_one_out_texts, load_retriever, split_days
+from components.trainer import Trainer
 from tests.conftest import ROOT, TINY_OVERRIDES
 
 N_PRODUCTS = 120
@@ -199,20 +200,22 @@ def test_each_adversarial_phase_leaves_the_other_sides_weights_untouched(
 ):
     params = _params(world, tiny_world, **{"finetune.adversarial.method": method})
     model, trainer = _trainer(params)
+    adversary = trainer.task.adversary
     towers = {k: v.clone() for k, v in model.state_dict().items() if "domain_classifier" not in k}
     classifier = {k: v.clone() for k, v in model.domain_classifier.state_dict().items()}
-    trainer.adversary.optimizer.step = _must_not_step  # the tower phase never steps it
+    adversary.optimizer.step = _must_not_step  # the tower phase never steps it
+    trainer.task.after_update = lambda step: {}  # the tower phase alone
     for step in range(2):  # the warm-up's first learning rate is 0
-        trainer.tower_step(np.arange(8), step=step)
+        trainer.step(step)
     after = model.state_dict()
     assert any(not torch.equal(towers[k], after[k]) for k in towers)
     for k, v in model.domain_classifier.state_dict().items():
         assert torch.equal(classifier[k], v), k
     assert all(p.grad is None for p in model.domain_classifier.parameters())
 
-    del trainer.adversary.optimizer.step
+    del adversary.optimizer.step
     towers = {k: v.clone() for k, v in model.state_dict().items() if "domain_classifier" not in k}
-    trainer.adversary.classifier_steps()
+    adversary.classifier_steps()
     after = model.state_dict()
     for k in towers:
         assert torch.equal(towers[k], after[k]), k
@@ -230,7 +233,7 @@ def test_the_adversarial_gradient_scales_with_the_weight_and_confuses_the_classi
         "finetune.adversarial.classifier_learning_rate": 1e-2,
     }
     model, trainer = _trainer(_params(world, tiny_world, **overrides))
-    adversary = trainer.adversary
+    adversary = trainer.task.adversary
     torch.manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(16, 16), dim=-1)
     p = torch.nn.functional.normalize(torch.randn(16, 16) + 1.0, dim=-1)  # a modality gap
@@ -276,7 +279,7 @@ def _must_not_step(*args: object, **kwargs: object) -> None:
     raise AssertionError("the classifier's optimiser stepped during a tower step")
 
 
-def _trainer(params: Params) -> tuple[AceBertForRetrieval, ft._Trainer]:
+def _trainer(params: Params) -> tuple[AceBertForRetrieval, Trainer]:
     from transformers import BertTokenizerFast
 
     from components.features import FeatureStore
@@ -296,10 +299,9 @@ def _trainer(params: Params) -> tuple[AceBertForRetrieval, ft._Trainer]:
     torch.manual_seed(0)
     model = AceBertForRetrieval(config)
     query_ids = encode_texts(tokenizer, pairs.queries, 12)
-    trainer = ft._Trainer(
-        model, tokenizer, catalogue, pairs, query_ids, params, torch.device("cpu")
-    )
-    return model, trainer
+    cpu = torch.device("cpu")
+    task = ft.FinetuneTask(model, tokenizer, catalogue, pairs, query_ids, params, cpu)
+    return model, ft.make_trainer(model, task, params, cpu, tokenizer)
 
 
 def test_domain_loss_is_the_papers_cross_entropy():
@@ -485,3 +487,67 @@ def test_make_learns_keywords_of_training_days_only_and_reports_its_gate(
     # the colour and pattern.
     assert evaluated["ma_image_weight_title_wrong"] != evaluated["ma_image_weight_title_right"]
     assert (artifacts / "evaluate" / "modality_weights.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_train_like_one_with_their_global_batch(
+    world: Path, tiny_world: Path, tmp_path: Path
+):
+    """torchrun, 2 CPU processes (gloo) with batch 8 each == 1 process with batch 16: the same
+    global negatives (gathered with their gradients), the same losses and weights."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, processes, batch in (("one", 1, 16), ("two", 2, 8)):
+        artifacts = tmp_path / name
+        artifacts.mkdir()
+        for stage in ("validate", "features", "pretrain"):
+            (artifacts / stage).symlink_to(world / stage)
+        overrides = {
+            **TINY_OVERRIDES,
+            "paths.data_dir": str(tiny_world),
+            "paths.artifacts_dir": str(artifacts),
+            "pretrain.num_layers": 2,
+            "finetune.batch_size": batch,
+            "finetune.max_steps": 20,
+            "finetune.dropout": 0.0,  # dropout masks depend on how rows are split
+            "finetune.eval_every": 0,
+            "finetune.device": "cpu",
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={processes}",
+            "--no-python",
+            str(Path(sys.executable).parent / "ace"),
+            "stage",
+            "run",
+            "finetune",
+            "--params",
+            str(ROOT / "params.yaml"),
+        ]
+        for key, value in overrides.items():
+            command += ["-S", f"{key}={json.dumps(value)}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+        errors = [line for line in done.stderr.splitlines() if "Error" in line]
+        assert done.returncode == 0, "\n".join(errors)[-3000:]
+        runs[name] = artifacts / "finetune"
+
+    one, two = (json.loads((runs[n] / ft.HISTORY).read_text()) for n in ("one", "two"))
+    assert len(one) == len(two) == 20
+    for a, b in zip(one, two, strict=True):
+        assert a["main_loss"] == pytest.approx(b["main_loss"], abs=1e-5)
+    ours = load_file(runs["two"] / ft.MODEL_DIR / "model.safetensors")
+    theirs = load_file(runs["one"] / ft.MODEL_DIR / "model.safetensors")
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=0, msg=key)
+    metrics = [
+        json.loads((n.parent / "metrics" / "finetune.json").read_text()) for n in runs.values()
+    ]
+    assert metrics[0]["same_category_negative_share"] == metrics[1]["same_category_negative_share"]

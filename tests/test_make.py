@@ -101,3 +101,16 @@ def test_keyword_loss_counts_only_queries_with_keywords():
     assert model.keyword_loss(queries, goal).item() == pytest.approx(expected.item())
     assert model.keyword_loss(queries, torch.zeros(4, 5)).item() == 0.0
     assert np.isfinite(model.keyword_loss(queries, goal).item())
+
+
+def test_text_pooling_reads_the_text_tokens_whose_states_see_the_image():
+    model = _model(modal=False)
+    model.config.product_pooling = "text"
+    inputs = _products()
+    sequence, _ = model.ce_bert(**inputs)
+    pooled, weights = model.pool_product(sequence, inputs["attention_mask"])
+    torch.testing.assert_close(pooled, sequence[:, :6].mean(1))
+    assert weights is None
+    # The image still counts: through attention, other pixels change the text tokens' states.
+    other = dict(inputs, pixel_values=255 - inputs["pixel_values"])
+    assert not torch.allclose(model.encode_products(**inputs), model.encode_products(**other))
