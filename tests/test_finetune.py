@@ -503,8 +503,8 @@ def test_two_processes_under_torchrun_train_like_one_with_their_global_batch(
 
     runs = {}
     for name, processes, batch in (("one", 1, 16), ("two", 2, 8)):
-        artifacts = tmp_path / name
-        artifacts.mkdir()
+        artifacts = tmp_path / name / "artifacts"  # metrics/ go beside it, one per run
+        artifacts.mkdir(parents=True)
         for stage in ("validate", "features", "pretrain"):
             (artifacts / stage).symlink_to(world / stage)
         overrides = {
@@ -548,6 +548,7 @@ def test_two_processes_under_torchrun_train_like_one_with_their_global_batch(
     for key, value in theirs.items():
         torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=0, msg=key)
     metrics = [
-        json.loads((n.parent / "metrics" / "finetune.json").read_text()) for n in runs.values()
+        json.loads((n.parent.parent / "metrics" / "finetune.json").read_text())
+        for n in runs.values()
     ]
     assert metrics[0]["same_category_negative_share"] == metrics[1]["same_category_negative_share"]
