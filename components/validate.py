@@ -60,10 +60,8 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from string import Formatter
@@ -77,6 +75,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components import contract
+from components.atomic import publish_dir
 from components.config import ValidateConfig
 from components.errors import DataError
 
@@ -223,7 +222,7 @@ def validate_data(data_dir: Path, out_dir: Path, cfg: ValidateConfig) -> Validat
         "image_seconds": round(image_seconds, 3),
         "seconds_before_writing": round(report.seconds, 3),
     }
-    _publish(out_dir, lambda staging: _write_outputs(staging, products, impressions, summary))
+    publish_dir(out_dir, lambda staging: _write_outputs(staging, products, impressions, summary))
     if failures:
         raise DataError("; ".join(failures))
     return dataclasses.replace(report, seconds=time.perf_counter() - started)
@@ -806,22 +805,3 @@ def _write_outputs(
     docs.mkdir()
     for verdict in (products, impressions):
         (docs / f"{verdict.table}.html").write_text(_data_docs(verdict.result), encoding="utf-8")
-
-
-def _publish(out_dir: Path, write: Callable[[Path], None]) -> None:
-    """Write into a sibling temp dir, then swap it in: a crash never leaves half an output."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        write(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
-        if out_dir.exists():
-            retired = staging.with_name(f"{staging.name}.old")
-            out_dir.rename(retired)
-            staging.rename(out_dir)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
