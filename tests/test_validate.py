@@ -315,7 +315,11 @@ def test_search_id_derived_from_day_and_query(data_dir, tmp_path):
     assert (groups == 1).all().all()  # one search id never spans two days or queries
     assert len(groups) == len(impressions.drop_duplicates(["day", "query"]))
     summary = json.loads((tmp_path / "out" / "validation.json").read_text())
-    assert summary["derived"] == {"search_id": True, "day_from_timestamp": False}
+    assert summary["derived"] == {
+        "search_id": True,
+        "day_from_timestamp": False,
+        "category_placeholder_rows": 0,
+    }
 
 
 @pytest.mark.parametrize("as_text", [True, False])
