@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -33,6 +34,7 @@ features_app = typer.Typer(help="Inspect the image features.", no_args_is_help=T
 app.add_typer(flows_app, name="flows")
 app.add_typer(features_app, name="features")
 
+T = TypeVar("T")
 ParamsOption = Annotated[Path, typer.Option("--params", help="The params file to read.")]
 SetOption = Annotated[
     list[str] | None,
@@ -148,6 +150,27 @@ def stage_run(
         typer.echo(f"{key}: {value:g}")
 
 
+# Without PREFECT_API_URL a flow starts a temporary Prefect server in a subprocess; Prefect's 20 s
+# for it to answer is too short on a busy 2-core machine.
+EPHEMERAL_STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+EPHEMERAL_STARTUP_SECONDS = "120"
+
+
+def _in_process(run_flow: Callable[[], T]) -> T:
+    """Run a flow in this process; a temporary Prefect server too slow to start is one line."""
+    try:
+        return run_flow()
+    except RuntimeError as err:
+        if "ephemeral Prefect API server" not in str(err):
+            raise
+        seconds = os.environ.get(EPHEMERAL_STARTUP_TIMEOUT, EPHEMERAL_STARTUP_SECONDS)
+        raise AceError(
+            f"the temporary Prefect server did not answer within {seconds} s (a busy machine?): "
+            f"set {EPHEMERAL_STARTUP_TIMEOUT} higher, or start a server (`prefect server start`) "
+            "and point PREFECT_API_URL at it"
+        ) from err
+
+
 @pipeline_app.command("run")
 def pipeline_run(
     stage: Annotated[
@@ -159,7 +182,9 @@ def pipeline_run(
     """Run the Prefect flow `ace` in this process (no server needed)."""
     from flows.ace import ace
 
-    ace(params_file=str(params_file), overrides=_parse_overrides(set_), stages=stage)
+    _in_process(
+        lambda: ace(params_file=str(params_file), overrides=_parse_overrides(set_), stages=stage)
+    )
 
 
 @pipeline_app.command("retrain")
@@ -171,7 +196,9 @@ def pipeline_retrain(
     """Run the Prefect flow behind `ace/retrain` in this process: monitor, retrain on drift."""
     from flows.retrain import retrain
 
-    result = retrain(params_file=str(params_file), overrides=_parse_overrides(set_), force=force)
+    result = _in_process(
+        lambda: retrain(params_file=str(params_file), overrides=_parse_overrides(set_), force=force)
+    )
     typer.echo(f"{result['decision']}: {result['outcome']}")
 
 
@@ -319,6 +346,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # The in-process Prefect server would try to send usage telemetry: there is no route out.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault(EPHEMERAL_STARTUP_TIMEOUT, EPHEMERAL_STARTUP_SECONDS)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         app()
