@@ -285,13 +285,46 @@ def search(
     from components.search import contact_sheet, search_titles
 
     params = load_params(params_file)
-    results = search_titles(params, model, query, k)
+    results, warning = search_titles(params, model, query, k)
+    if warning:
+        typer.echo(f"warning: {query!r}: {warning}", err=True)
     for rank, row in enumerate(results.itertuples(), start=1):
         cached = " (hot-query cache)" if row.cached and rank == 1 else ""
         typer.echo(f"{rank:3d}. {row.score:.3f}  {row.product_id}  {row.title}{cached}")
     if sheet is not None:
         contact_sheet(params, results, query, sheet)
         typer.echo(f"wrote {sheet}")
+
+
+@app.command("serve")
+def serve_command(
+    model: Annotated[str, typer.Option(help="Registered model URI.")] = "models:/ace@champion",
+    host: Annotated[str | None, typer.Option(help="Default: params serving.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: params serving.port.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Default: params serving.workers.")] = None,
+    params_file: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Serve a registered model over HTTP: MLflow's scoring protocol, with the request limits."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from components import tracking
+    from components.server import serve
+
+    cfg = _params(params_file, set_).serving
+    # uvicorn's worker processes resolve models:/ URIs through the environment.
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    try:
+        mlflow.models.get_model_info(model)
+    except (MlflowException, OSError) as err:
+        raise AceError(f"{model}: no such model ({_first_line(err)}); run the pipeline") from err
+    serve(model, host or cfg.host, port or cfg.port, workers or cfg.workers)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(getattr(err, "message", err)).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 @app.command("compare")

@@ -344,6 +344,25 @@ class TrackingConfig(_Section):
     registered_model: str = "ace"
 
 
+class ServingLimits(_Section):
+    """What one request may ask of the served model; the gate bundles these with it, and a
+    request over one is answered at once with a 4xx naming it."""
+
+    max_rows_per_request: int = Field(default=256, ge=1)  # queries in one request
+    max_k: int = Field(default=1000, ge=1)  # products per query (and at most the catalogue)
+    max_query_chars: int = Field(default=256, ge=1)
+    max_request_bytes: int = Field(default=1_048_576, ge=1024)  # `ace serve`: body size (413)
+
+
+class ServingConfig(_Section):
+    """The served model's limits, and where `ace serve` listens."""
+
+    limits: ServingLimits = ServingLimits()
+    host: str = "127.0.0.1"
+    port: int = Field(default=5001, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1)  # uvicorn worker processes, each loads the model
+
+
 class Params(_Section):
     paths: PathsConfig = PathsConfig()
     synth: SynthConfig
@@ -361,6 +380,7 @@ class Params(_Section):
     monitor: MonitorConfig = MonitorConfig()
     retrain: RetrainConfig = RetrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    serving: ServingConfig = ServingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
