@@ -103,9 +103,6 @@ def data_append(
     set_: SetOption = None,
 ) -> None:
     """Append further days (optionally drifted) to the world in paths.data_dir: new data."""
-    import subprocess
-
-    from components import tracking
     from components.world.append import append_days
 
     overrides = _parse_overrides(set_)
@@ -120,10 +117,80 @@ def data_append(
         f"{summary.new_products} new products, {summary.new_queries} new queries "
         f"in {summary.seconds:.1f}s"
     )
-    dvc_file = Path(f"{params.paths.data_dir}.dvc")
-    if dvc and dvc_file.exists():
-        subprocess.run(["dvc", "add", "-q", str(params.paths.data_dir)], check=True)
+    if dvc:
+        _record_data_version(params.paths.data_dir)
+
+
+def _record_data_version(data_dir: Path) -> None:
+    """`dvc add` the data folder when it is DVC-tracked (its .dvc file exists)."""
+    import subprocess
+
+    from components import tracking
+
+    dvc_file = Path(f"{data_dir}.dvc")
+    if dvc_file.exists():
+        subprocess.run(["dvc", "add", "-q", str(data_dir)], check=True)
         typer.echo(f"new data version {tracking.data_version(dvc_file)} in {dvc_file}")
+
+
+@data_app.command("import")
+def data_import(
+    kind: Annotated[
+        str,
+        typer.Argument(help="amazon | shopify | gmc (a product export), or clicks (a click log)."),
+    ],
+    source: Annotated[Path, typer.Argument(help="The export: CSV, TSV, XML (gmc) or Parquet.")],
+    images: Annotated[
+        Path | None,
+        typer.Option(help="Folder of product images, matched by product id or by file name."),
+    ] = None,
+    fetch_images: Annotated[
+        bool,
+        typer.Option(
+            "--fetch-images",
+            help="Download images not found in --images from their http(s) URLs "
+            "(timeout, size and content checked; failures quarantined).",
+        ),
+    ] = False,
+    category_level: Annotated[
+        int | None,
+        typer.Option(
+            help="Category path level: 1 = the top, 0 = the last (import.category_level)."
+        ),
+    ] = None,
+    map_: Annotated[
+        list[str] | None,
+        typer.Option("--map", help="FIELD=COLUMN: read a field from this column (repeatable)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Data folder to write (default: params paths.data_dir).")
+    ] = None,
+    dvc: Annotated[
+        bool,
+        typer.Option(help="Record the new data version with `dvc add` (when data.dvc exists)."),
+    ] = True,
+    params_file: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Import a shop's product export (Amazon, Shopify, Merchant Center) or a click log."""
+    from components import importers
+
+    overrides = _parse_overrides(set_)
+    if category_level is not None:
+        overrides["import.category_level"] = category_level
+    params = load_params(params_file, overrides)
+    out_dir = out or params.paths.data_dir
+    if kind == "clicks":
+        mapping = importers.parse_mapping(map_, importers.CLICK_FIELDS)
+        report = importers.import_clicks(source, out_dir, mapping)
+    else:
+        mapping = importers.parse_mapping(map_, importers.PRODUCT_FIELDS)
+        report = importers.import_products(
+            source, kind, out_dir, params.import_, images, fetch_images, mapping
+        )
+    typer.echo(report.summary())
+    if dvc:
+        _record_data_version(out_dir)
 
 
 @stage_app.command("list")

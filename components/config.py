@@ -363,6 +363,16 @@ class ServingConfig(_Section):
     workers: int = Field(default=1, ge=1)  # uvicorn worker processes, each loads the model
 
 
+class ImportConfig(_Section):
+    """`ace data import`: which level of a category path, and how images are fetched (only with
+    --fetch-images)."""
+
+    category_level: int = Field(default=0, ge=0)  # 1 = the top of "A > B > C", 0 = the last
+    fetch_timeout_seconds: float = Field(default=10.0, gt=0)  # connecting, each read, and in all
+    fetch_max_bytes: int = Field(default=10_000_000, ge=1024)  # larger images are quarantined
+    fetch_workers: int = Field(default=8, ge=1)  # downloads at once
+
+
 class Params(_Section):
     paths: PathsConfig = PathsConfig()
     synth: SynthConfig
@@ -381,12 +391,13 @@ class Params(_Section):
     retrain: RetrainConfig = RetrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     serving: ServingConfig = ServingConfig()
+    import_: ImportConfig = Field(default=ImportConfig(), alias="import")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     def section(self, name: str) -> _Section:
         """The config object of one params.yaml section, by its YAML name."""
-        return self.validate_ if name == "validate" else getattr(self, name)
+        return getattr(self, f"{name}_" if name in ("validate", "import") else name)
 
 
 def load_params(path: Path | str = PARAMS_FILE, overrides: dict | None = None) -> Params:

@@ -254,7 +254,7 @@ def _read(path: Path, table: str, columns: set[str]) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"{path}: file not found (expected {table}.parquet or {table}.csv)")
     if path.suffix == ".csv":
-        _check_csv_records(path)
+        check_csv_records(path)
         try:
             return pd.read_csv(
                 path,
@@ -277,11 +277,11 @@ def _read(path: Path, table: str, columns: set[str]) -> pd.DataFrame:
     )
 
 
-def _check_csv_records(path: Path) -> None:
+def check_csv_records(path: Path, delimiter: str = ",") -> None:
     """Refuse a CSV with a record whose field count differs from the header's, naming its line:
     pandas would shift such a line's values into the wrong columns, or drop some, silently."""
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-        records = csv.reader(handle)
+        records = csv.reader(handle, delimiter=delimiter)
         try:
             header = next(records, None)
             for record in records if header is not None else ():
