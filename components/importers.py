@@ -259,16 +259,20 @@ def import_products(
         f: (mapping[f],) if mapping and f in mapping else fmt.columns[f] for f in fmt.columns
     }
     export = read_export(source)
+    required = {"id", "title", *(mapping or {})}  # a column named by --map must exist
     fields = pd.DataFrame(
-        {f: _field(export, source, f, columns[f], f in ("id", "title")) for f in PRODUCT_FIELDS}
+        {f: _field(export, source, f, columns[f], f in required) for f in PRODUCT_FIELDS}
     )
     fields["row"] = np.arange(len(fields))
     if fmt.merge_rows:  # one product per id; rows without an id stay rows (quarantined)
         with_id = fields["id"].notna()
         merged = fields[with_id].groupby("id", sort=False, as_index=False).first()
         fields = pd.concat([merged, fields[~with_id]]).sort_values("row", ignore_index=True)
-    if fmt.image_separator:
-        fields["image"] = fields["image"].str.split(fmt.image_separator).str[0].str.strip()
+    if fmt.image_separator:  # the first of several images in one cell
+        parts = fields["image"].str.split(fmt.image_separator)
+        fields["image"] = parts.map(
+            lambda ps: next((p.strip() for p in ps if p.strip()), None), na_action="ignore"
+        ).astype("string")
 
     products = pd.DataFrame(
         {

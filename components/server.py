@@ -114,8 +114,7 @@ class RequestGuard:
             await _reply(
                 send,
                 415,
-                "no Content-Type: send application/json "
-                "(or text/csv, application/vnd.apache.parquet)",
+                "no Content-Type: send application/json (or application/vnd.apache.parquet)",
             )
             return
         declared = headers.get(b"content-length", b"").strip()

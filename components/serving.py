@@ -62,7 +62,7 @@ def _invalid(message: str) -> MlflowException:
 
 def _k(value: Any, row: int, max_k: int) -> int:
     """A row's k as sent: missing -> DEFAULT_K; a whole number in 1..max_k; nothing else."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return DEFAULT_K  # absent from this row (pandas fills a partly given column with NaN)
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer | float):
         raise _invalid(f"row {row}: 'k' must be a whole number, got {type(value).__name__}")
@@ -101,10 +101,11 @@ def validate_request(
             raise _invalid(f"expected rows with a 'query' field ({err})") from None
     if not isinstance(frame, pd.DataFrame):
         raise _invalid(f"expected rows with a 'query' field, got {type(frame).__name__}")
+    if "query" not in frame.columns:
+        # MLflow drops unknown fields: rows of only those arrive as no rows at all.
+        raise _invalid("missing field 'query'" if len(frame.index) else "no rows with a 'query'")
     if len(frame.index) == 0:
         raise _invalid("no queries in the request")
-    if "query" not in frame.columns:
-        raise _invalid("missing field 'query'")
     if len(frame) > limits.max_rows_per_request:
         raise _invalid(
             f"{len(frame)} queries in one request, at most {limits.max_rows_per_request} "

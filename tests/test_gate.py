@@ -154,11 +154,23 @@ def test_a_served_model_is_charged_for_clicks_on_products_its_index_lacks(
     assert charged["gauc"] < known["gauc"]
 
 
-def test_served_model_answers_and_refuses_bad_requests(world: Path, tiny_world: Path):
-    decision = _run_gate(_params(world, tiny_world, **{"serving.limits.max_rows_per_request": 3}))
-    bundle = Path(mlflow.artifacts.download_artifacts(f"models:/ace/{decision['version']}"))
+@pytest.fixture(scope="module")
+def champion(world: Path, tiny_world: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(tracking store, the bundle's local folder) of one champion with small limits, registered
+    once for the serving tests in a store of its own."""
+    home = tmp_path_factory.mktemp("champion")
+    store = f"sqlite:///{home / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": store}):
+        _run_gate(_params(world, tiny_world, **{"serving.limits.max_rows_per_request": 50}))
+        bundle = Path(mlflow.artifacts.download_artifacts("models:/ace@champion"))
+    return store, bundle
+
+
+def test_served_model_answers_and_refuses_bad_requests(champion: tuple[str, Path]):
+    _, bundle = champion
     assert not list(bundle.rglob("*.pkl"))  # models from code: nothing to unpickle
-    model = mlflow.pyfunc.load_model(f"models:/ace/{decision['version']}")
+    model = mlflow.pyfunc.load_model(str(bundle))
     answer = model.predict(pd.DataFrame({"query": ["red dress", "blue cap"], "k": [5, 3]}))
     assert [len(ids) for ids in answer["product_ids"]] == [5, 3]
     assert all(s[0] >= s[-1] for s in answer["scores"])  # best first
@@ -170,7 +182,8 @@ def test_served_model_answers_and_refuses_bad_requests(world: Path, tiny_world: 
     assert [len(ids) for ids in mixed["product_ids"]] == [4, 10]
 
     for frame, message in (
-        (pd.DataFrame({"q": ["red"]}), "missing field 'query'"),
+        (pd.DataFrame({"q": ["red"]}), "no rows with a 'query'"),  # MLflow drops 'q'
+        (pd.DataFrame({"q": ["red"], "k": [3]}), "missing field 'query'"),
         (pd.DataFrame({"query": ["   "]}), "row 0: 'query' is empty"),
         (pd.DataFrame({"query": ["x" * 300]}), "row 0: 'query' has 300 characters, at most 256"),
         (pd.DataFrame({"query": ["red\ud800"]}), "row 0: 'query' is not valid Unicode text"),
@@ -179,7 +192,7 @@ def test_served_model_answers_and_refuses_bad_requests(world: Path, tiny_world: 
         (pd.DataFrame({"query": ["a", "b"], "k": [3, 10.5]}), "row 1: 'k' must be a whole number"),
         (pd.DataFrame({"query": ["red"], "k": ["10"]}), "row 0: 'k' must be a whole number"),
         (pd.DataFrame({"query": ["red"], "k": [True]}), "row 0: 'k' must be a whole number"),
-        (pd.DataFrame({"query": ["a", "b", "c", "d"]}), "4 queries in one request, at most 3"),
+        (pd.DataFrame({"query": ["red"] * 51}), "51 queries in one request, at most 50"),
     ):
         with pytest.raises(MlflowException, match=re.escape(message)) as caught:
             model.predict(frame)
@@ -215,18 +228,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(world: Path, tiny_world: Path, tmp_path_factory: pytest.TempPathFactory):
-    """`ace serve` of a champion with small limits, started once for the HTTP tests."""
-    home = tmp_path_factory.mktemp("served")
-    store = f"sqlite:///{home / 'mlflow.db'}"
-    mlflow.set_tracking_uri(store)
-    with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": store}):
-        _run_gate(_params(world, tiny_world, **{"serving.limits.max_rows_per_request": 50}))
+def served(champion: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """`ace serve` of the champion, started once for the HTTP tests; its port."""
+    store, _ = champion
+    log = tmp_path_factory.mktemp("served") / "server.log"
     port = _free_port()
     # The server starts uvicorn by name: the venv must be on PATH, as it is once activated.
     path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": path}
-    log = home / "server.log"
     server = subprocess.Popen(
         [BIN / "ace", "serve", "--port", str(port)],
         cwd=ROOT,
@@ -282,7 +291,7 @@ HOSTILE_REQUESTS = [
         400,
         "Unicode",
     ),
-    ("no rows", _records(), "application/json", 400, "no queries"),
+    ("no rows", _records(), "application/json", 400, "no rows with a 'query'"),
     ("wrong shape", json.dumps({"something": "else"}).encode(), "application/json", 400, ""),
     ("not JSON", b"{not json", "application/json", 400, "JSON"),
     ("a JSON list", b"[1, 2]", "application/json", 400, ""),

@@ -358,6 +358,15 @@ def test_a_malformed_export_is_one_line_naming_the_line(tmp_path: Path):
     with pytest.raises(DataError, match=r"no column 'Product Name' \(for title\)"):
         (tmp_path / "b.csv").write_text("Uniq Id,Name\na1,Tent\n", encoding="utf-8")
         import_products(tmp_path / "b.csv", "amazon", tmp_path / "data", CFG, tmp_path)
+    with pytest.raises(DataError, match=r"no column 'Dept' \(for category\)"):  # named: must exist
+        import_products(
+            tmp_path / "b.csv",
+            "amazon",
+            tmp_path / "data",
+            CFG,
+            tmp_path,
+            mapping={"title": "Name", "category": "Dept"},
+        )
     with pytest.raises(AceError, match="unknown export format 'ebay'"):
         import_products(export, "ebay", tmp_path / "data", CFG, tmp_path)
 
