@@ -398,6 +398,9 @@ class EvaluateConfig(_Section):
     ks: tuple[int, ...] = (10, 50, 100)  # Recall@K
     batch_size: int = Field(default=128, ge=1)  # encoding
     map_points: int = Field(default=1000, ge=10)  # queries and as many products in the 2-D map
+    # A judged query set (CSV/Parquet: query, product_id, label as E/S/C/I, Exact/Partial/
+    # Irrelevant or a gain) scored besides the click log; None: clicks only.
+    judgements: Path | None = None
     seed: int = 13
     device: str = "auto"
 
