@@ -1,15 +1,19 @@
-"""Serving latency and throughput: the champion behind `mlflow models serve`, on localhost.
+"""Serving latency and throughput: the champion behind `ace serve`, on localhost.
 
     python benchmarks/bench_serving.py --project /tmp/fresh   # a project with a champion
 
-Starts `mlflow models serve -m models:/ace@champion --env-manager local` on a free port (or
-benchmarks `--url`, a server already running), waits for /ping, warms up, then sends searches
-back to back from `--concurrency` threads, one query per request with `--k`: hot queries (the
-champion's hot-query cache: no encoder) and tail queries (test-day queries not in the cache: the
-student encodes them). Plus a cell of `--batch` tail queries per request at concurrency 1. Every
-cell stops after `--requests` requests or `--max-seconds`, whichever comes first. Prints p50 /
-p90 / p99 latency, requests and queries per second per cell; writes
-benchmarks/results/serving.json. The server always stops (its whole process group).
+Starts `ace serve --model models:/ace@champion` (or, with `--server mlflow`, `mlflow models serve
+-m ... --env-manager local`) on a free loopback port (or benchmarks `--url`, a server already
+running), waits for /ping, warms up, then sends searches back to back from `--concurrency`
+threads, one query per request with `--k`: hot queries (the champion's hot-query cache: no
+encoder) and tail queries (test-day queries not in the cache: the student encodes them). Plus a
+cell of `--batch` tail queries per request at concurrency 1, and a mixed cell at the highest
+concurrency where every other request is hostile (a `k` of the wrong type, no content type, an
+empty body, broken JSON, a lone surrogate, 10,000 queries in one request, a body over the size
+limit, ...): it counts the answers by status and must see no 5xx. Every cell stops after
+`--requests` requests or `--max-seconds`, whichever comes first. Prints p50 / p90 / p99 latency,
+requests and queries per second per cell; writes benchmarks/results/serving.json. The server
+always stops (its whole process group).
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ import pandas as pd
 from components.config import SplitConfig, load_params
 from components.index import HOT_FILE
 from components.retrieval import split_days
-from components.serving import MAX_QUERY_CHARS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,23 +90,28 @@ def hot_queries(model_uri: str, artifacts: Path) -> tuple[list[str], str]:
     return json.loads(Path(path).read_text(encoding="utf-8")), source
 
 
-def tail_queries(artifacts: Path, split: SplitConfig, hot: set[str]) -> list[str]:
+def tail_queries(artifacts: Path, split: SplitConfig, hot: set[str], max_chars: int) -> list[str]:
     """Distinct test-day queries the cache does not hold (the student encodes these)."""
     impressions = pd.read_parquet(
         artifacts / "validate" / "impressions.parquet", columns=["day", "query"]
     )
     test = split_days(impressions, split).test
     queries = {q.strip() for q in test["query"].astype(str)}
-    return sorted(q for q in queries if q and q not in hot and len(q) <= MAX_QUERY_CHARS)
+    return sorted(q for q in queries if q and q not in hot and len(q) <= max_chars)
 
 
 def start_server(
-    model_uri: str, port: int, workers: int | None, project: Path, log: Path
+    kind: str, model_uri: str, port: int, workers: int | None, project: Path, log: Path
 ) -> subprocess.Popen:
-    """`mlflow models serve` in its own process group (uvicorn and its workers are children)."""
+    """`ace serve` or `mlflow models serve` in its own process group (uvicorn and its workers
+    are children), on loopback."""
     bin_dir = Path(sys.executable).parent
-    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri]
-    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    if kind == "ace":
+        command = [str(bin_dir / "ace"), "serve", "--model", model_uri]
+    else:
+        command = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri]
+        command += ["--env-manager", "local"]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
     if workers:
         command += ["--workers", str(workers)]
     # mlflow starts uvicorn by name: the venv must be on PATH.
@@ -152,7 +160,7 @@ def wait_ready(
 
 
 class Client:
-    """One keep-alive HTTP connection; `search` returns (status, seconds, cached flags)."""
+    """One keep-alive HTTP connection to /invocations."""
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -160,9 +168,9 @@ class Client:
         self.path = (parts.path.rstrip("/") or "") + "/invocations"
         self.conn: http.client.HTTPConnection | None = None
 
-    def search(self, queries: list[str], k: int) -> tuple[int, float, list[bool], str]:
-        body = json.dumps({"dataframe_records": [{"query": q, "k": k} for q in queries]})
-        headers = {"Content-Type": "application/json"}
+    def post(self, body: bytes, content_type: str | None) -> tuple[int, float, bytes]:
+        """(status, seconds, response body); status 0 when the connection failed."""
+        headers = {"Content-Type": content_type} if content_type else {}
         start = time.perf_counter()
         try:
             if self.conn is None:
@@ -170,14 +178,10 @@ class Client:
             self.conn.request("POST", self.path, body=body, headers=headers)
             response = self.conn.getresponse()
             payload = response.read()
-            seconds = time.perf_counter() - start
         except (OSError, http.client.HTTPException) as err:
             self.close()
-            return 0, time.perf_counter() - start, [], f"{type(err).__name__}: {err}"
-        if response.status != 200:
-            return response.status, seconds, [], payload[:300].decode(errors="replace")
-        rows = json.loads(payload)["predictions"]
-        return 200, seconds, [bool(r["cached"]) for r in rows], ""
+            return 0, time.perf_counter() - start, f"{type(err).__name__}: {err}".encode()
+        return response.status, time.perf_counter() - start, payload
 
     def close(self) -> None:
         if self.conn is not None:
@@ -185,23 +189,64 @@ class Client:
             self.conn = None
 
 
+Request = tuple[str, bytes, str | None]  # (kind, body, content type)
+
+
+def search_body(queries: list[str], k: int) -> bytes:
+    return json.dumps({"dataframe_records": [{"query": q, "k": k} for q in queries]}).encode()
+
+
+def hostile_requests(max_request_bytes: int) -> list[Request]:
+    """(name, body, content type) of requests a client may send that must end in a 4xx."""
+    json_type = "application/json"
+    many = search_body(["red dress"] * 10_000, 10)
+    oversize = search_body(["red dress"] * (max_request_bytes // 30 + 1), 10)
+    return [
+        (
+            "k as a string",
+            json.dumps({"dataframe_records": [{"query": "red", "k": "10"}]}).encode(),
+            json_type,
+        ),
+        (
+            "k as a fraction",
+            json.dumps({"dataframe_records": [{"query": "red", "k": 10.5}]}).encode(),
+            json_type,
+        ),
+        (
+            "k as a bool",
+            json.dumps({"dataframe_records": [{"query": "red", "k": True}]}).encode(),
+            json_type,
+        ),
+        ("k of 0", search_body(["red"], 0), json_type),
+        ("empty query", search_body([""], 10), json_type),
+        ("lone surrogate", b'{"dataframe_records": [{"query": "\\ud800"}]}', json_type),
+        ("broken JSON", b'{"dataframe_records": [', json_type),
+        ("wrong shape", b'{"something": "else"}', json_type),
+        ("empty body, no content type", b"", None),
+        ("empty body", b"", json_type),
+        ("text/plain", b"red dress", "text/plain"),
+        ("10,000 queries", many, json_type),
+        ("body over the size limit", oversize, json_type),
+    ]
+
+
 def run_cell(
     url: str,
-    queries: list[str],
+    requests_for: list[Request],
     batch: int,
     concurrency: int,
-    k: int,
     requests: int,
     max_seconds: float,
-    seed: int,
 ) -> dict:
-    """`concurrency` threads sending requests back to back until `requests` or `max_seconds`."""
-    order = np.random.default_rng(seed).permutation(len(queries))
+    """`concurrency` threads sending `requests_for` (in order, cycling) back to back until
+    `requests` or `max_seconds`. Latency percentiles are over the 200 answers; every answer is
+    counted by status, and by kind for the rest."""
     lock = threading.Lock()
     issued = 0
     latencies: list[float] = []
     statuses: list[int] = []
     cached: list[bool] = []
+    refused: dict[str, dict[str, list[float]]] = {}
     errors: list[str] = []
     start = time.perf_counter()
     deadline = start + max_seconds
@@ -214,17 +259,19 @@ def run_cell(
                 with lock:
                     if issued >= requests:
                         return
-                    first = issued * batch
+                    kind, body, content_type = requests_for[issued % len(requests_for)]
                     issued += 1
-                picked = [queries[order[(first + j) % len(order)]] for j in range(batch)]
-                status, seconds, flags, error = client.search(picked, k)
+                status, seconds, payload = client.post(body, content_type)
                 with lock:
                     statuses.append(status)
                     if status == 200:
                         latencies.append(seconds)
-                        cached.extend(flags)
-                    elif len(errors) < 3:
-                        errors.append(f"{status}: {error}")
+                        rows = json.loads(payload)["predictions"]
+                        cached.extend(bool(r["cached"]) for r in rows)
+                        continue
+                    refused.setdefault(kind, {}).setdefault(str(status), []).append(seconds)
+                    if (status == 0 or status >= 500) and len(errors) < 5:
+                        errors.append(f"{kind}: {status}: {payload[:300].decode(errors='replace')}")
         finally:
             client.close()
 
@@ -236,11 +283,21 @@ def run_cell(
     wall = time.perf_counter() - start
     ok = len(latencies)
     ms = 1000 * np.array(latencies) if ok else np.array([np.nan])
+    by_status = {str(code): statuses.count(code) for code in sorted(set(statuses))}
     return {
         "batch": batch,
         "concurrency": concurrency,
         "requests": len(statuses),
-        "errors": len(statuses) - ok,
+        "ok": ok,
+        "by_status": by_status,
+        "server_errors": sum(n for code, n in by_status.items() if not 0 < int(code) < 500),
+        "refused": {
+            kind: {
+                code: {"n": len(t), "p50_ms": 1000 * float(np.median(t))}
+                for code, t in codes.items()
+            }
+            for kind, codes in refused.items()
+        },
         "error_samples": errors,
         "p50_ms": float(np.percentile(ms, 50)),
         "p90_ms": float(np.percentile(ms, 90)),
@@ -254,10 +311,19 @@ def run_cell(
     }
 
 
+def searches(queries: list[str], batch: int, k: int, seed: int) -> list[Request]:
+    """Search requests of `batch` queries each, the queries in a seeded order."""
+    order = np.random.default_rng(seed).permutation(len(queries))
+    picked = [queries[i] for i in order]
+    chunks = [picked[i : i + batch] for i in range(0, len(picked) - batch + 1, batch)] or [picked]
+    return [("search", search_body(chunk, k), "application/json") for chunk in chunks]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--project", type=Path, default=ROOT, help="has mlruns/ and artifacts/")
     parser.add_argument("--model", default="models:/ace@champion")
+    parser.add_argument("--server", choices=("ace", "mlflow"), default="ace", help="what to start")
     parser.add_argument("--url", help="benchmark this running server instead of starting one")
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--workers", type=int, help="uvicorn workers (mlflow's default: 1)")
@@ -277,7 +343,8 @@ def main() -> None:
     artifacts = project / params.paths.artifacts_dir
     version = served_version(args.model)
     hot, hot_source = hot_queries(args.model, artifacts)
-    tail = tail_queries(artifacts, params.split, set(hot))
+    limits = params.serving.limits
+    tail = tail_queries(artifacts, params.split, set(hot), limits.max_query_chars)
     print(
         f"model {args.model} (version {version.get('version', '?')}): "
         f"{len(hot)} hot queries, {len(tail)} tail queries"
@@ -291,27 +358,36 @@ def main() -> None:
         else:
             port = args.port or free_port()
             url = f"http://127.0.0.1:{port}"
-            server = start_server(args.model, port, args.workers, project, log)
+            server = start_server(args.server, args.model, port, args.workers, project, log)
         startup = wait_ready(url, server, log, args.startup_timeout)
         print(f"server ready at {url} after {startup:.1f} s")
         top = max(args.concurrency)
         for queries in (hot, tail):  # at full concurrency: every server worker warms up
-            run_cell(url, queries, 1, top, args.k, args.warmup, 60.0, seed=1)
-        cells = []
+            run_cell(url, searches(queries, 1, args.k, 1), 1, top, args.warmup, 60.0)
         plan = [(kind, 1, c) for c in args.concurrency for kind in ("hot", "tail")]
         if args.batch > 1:
             plan += [("tail", args.batch, 1)]
+        cells = []
         for n, (kind, batch, concurrency) in enumerate(plan):
-            queries = hot if kind == "hot" else tail
-            cell = run_cell(
-                url, queries, batch, concurrency, args.k, args.requests, args.max_seconds, n + 2
-            )
+            requests = searches(hot if kind == "hot" else tail, batch, args.k, n + 2)
+            cell = run_cell(url, requests, batch, concurrency, args.requests, args.max_seconds)
             cells.append({"queries": kind, **cell})
             print(
                 f"  {kind} batch {batch} x{concurrency}: {cell['requests']} requests, "
                 f"p50 {cell['p50_ms']:.1f} ms, {cell['requests_per_s']:.1f} req/s",
                 flush=True,
             )
+        # Every other request hostile: each must be a 4xx, and the valid ones still answered.
+        valid = searches(hot + tail, 1, args.k, len(plan) + 2)
+        hostile = hostile_requests(limits.max_request_bytes) * len(valid)
+        mixed = [r for pair in zip(valid, hostile, strict=False) for r in pair]
+        cell = run_cell(url, mixed, 1, top, args.requests, args.max_seconds)
+        cells.append({"queries": "mixed", **cell})
+        print(
+            f"  mixed x{top}: {cell['requests']} requests, by status {cell['by_status']}, "
+            f"{cell['server_errors']} 5xx or failed",
+            flush=True,
+        )
         server_log = log.read_text(encoding="utf-8", errors="replace")
     finally:
         if server is not None:
@@ -319,15 +395,17 @@ def main() -> None:
         log.unlink(missing_ok=True)
 
     header = (
-        f"{'queries':8s} {'batch':>5s} {'conc':>4s} {'reqs':>5s} {'errs':>4s} {'p50 ms':>8s} "
-        f"{'p90 ms':>8s} {'p99 ms':>8s} {'req/s':>7s} {'q/s':>7s} {'wall s':>6s} {'cached':>6s}"
+        f"{'queries':8s} {'batch':>5s} {'conc':>4s} {'reqs':>5s} {'4xx':>4s} {'5xx':>4s} "
+        f"{'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'req/s':>7s} {'q/s':>7s} {'wall s':>6s} "
+        f"{'cached':>6s}"
     )
     print(header)
     for c in cells:
         share = "-" if c["cached_share"] is None else f"{c['cached_share']:.2f}"
         print(
             f"{c['queries']:8s} {c['batch']:5d} {c['concurrency']:4d} {c['requests']:5d} "
-            f"{c['errors']:4d} {c['p50_ms']:8.1f} {c['p90_ms']:8.1f} {c['p99_ms']:8.1f} "
+            f"{c['requests'] - c['ok'] - c['server_errors']:4d} {c['server_errors']:4d} "
+            f"{c['p50_ms']:8.1f} {c['p90_ms']:8.1f} {c['p99_ms']:8.1f} "
             f"{c['requests_per_s']:7.1f} {c['queries_per_s']:7.1f} {c['wall_s']:6.1f} {share:>6s}"
         )
     result = {
@@ -343,6 +421,8 @@ def main() -> None:
         "served_version": version,
         "server": {
             "url": args.url or "started by this script",
+            "kind": None if args.url else args.server,
+            "limits": limits.model_dump(),
             "workers": args.workers,
             "workers_note": "None: mlflow's default, 1 uvicorn worker (MLFLOW_MODELS_WORKERS)",
             "startup_s": startup,
@@ -359,6 +439,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out} ({result['total_seconds']:.0f} s in all)")
+    mixed = cells[-1]
+    print("refused in the mixed cell (kind: status x count, p50 ms):")
+    for kind, codes in mixed["refused"].items():
+        shown = ", ".join(f"{code} x{v['n']} {v['p50_ms']:.1f}" for code, v in codes.items())
+        print(f"  {kind}: {shown}")
+    failed = sum(c["server_errors"] for c in cells)
+    print(f"5xx or failed connections over every cell: {failed}")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -33,6 +34,7 @@ features_app = typer.Typer(help="Inspect the image features.", no_args_is_help=T
 app.add_typer(flows_app, name="flows")
 app.add_typer(features_app, name="features")
 
+T = TypeVar("T")
 ParamsOption = Annotated[Path, typer.Option("--params", help="The params file to read.")]
 SetOption = Annotated[
     list[str] | None,
@@ -102,9 +104,6 @@ def data_append(
     set_: SetOption = None,
 ) -> None:
     """Append further days (optionally drifted) to the world in paths.data_dir: new data."""
-    import subprocess
-
-    from components import tracking
     from components.world.append import append_days
 
     overrides = _parse_overrides(set_)
@@ -119,10 +118,80 @@ def data_append(
         f"{summary.new_products} new products, {summary.new_queries} new queries "
         f"in {summary.seconds:.1f}s"
     )
-    dvc_file = Path(f"{params.paths.data_dir}.dvc")
-    if dvc and dvc_file.exists():
-        subprocess.run(["dvc", "add", "-q", str(params.paths.data_dir)], check=True)
+    if dvc:
+        _record_data_version(params.paths.data_dir)
+
+
+def _record_data_version(data_dir: Path) -> None:
+    """`dvc add` the data folder when it is DVC-tracked (its .dvc file exists)."""
+    import subprocess
+
+    from components import tracking
+
+    dvc_file = Path(f"{data_dir}.dvc")
+    if dvc_file.exists():
+        subprocess.run(["dvc", "add", "-q", str(data_dir)], check=True)
         typer.echo(f"new data version {tracking.data_version(dvc_file)} in {dvc_file}")
+
+
+@data_app.command("import")
+def data_import(
+    kind: Annotated[
+        str,
+        typer.Argument(help="amazon | shopify | gmc (a product export), or clicks (a click log)."),
+    ],
+    source: Annotated[Path, typer.Argument(help="The export: CSV, TSV, XML (gmc) or Parquet.")],
+    images: Annotated[
+        Path | None,
+        typer.Option(help="Folder of product images, matched by product id or by file name."),
+    ] = None,
+    fetch_images: Annotated[
+        bool,
+        typer.Option(
+            "--fetch-images",
+            help="Download images not found in --images from their http(s) URLs "
+            "(timeout, size and content checked; failures quarantined).",
+        ),
+    ] = False,
+    category_level: Annotated[
+        int | None,
+        typer.Option(
+            help="Category path level: 1 = the top, 0 = the last (import.category_level)."
+        ),
+    ] = None,
+    map_: Annotated[
+        list[str] | None,
+        typer.Option("--map", help="FIELD=COLUMN: read a field from this column (repeatable)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Data folder to write (default: params paths.data_dir).")
+    ] = None,
+    dvc: Annotated[
+        bool,
+        typer.Option(help="Record the new data version with `dvc add` (when data.dvc exists)."),
+    ] = True,
+    params_file: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Import a shop's product export (Amazon, Shopify, Merchant Center) or a click log."""
+    from components import importers
+
+    overrides = _parse_overrides(set_)
+    if category_level is not None:
+        overrides["import.category_level"] = category_level
+    params = load_params(params_file, overrides)
+    out_dir = out or params.paths.data_dir
+    if kind == "clicks":
+        mapping = importers.parse_mapping(map_, importers.CLICK_FIELDS)
+        report = importers.import_clicks(source, out_dir, mapping)
+    else:
+        mapping = importers.parse_mapping(map_, importers.PRODUCT_FIELDS)
+        report = importers.import_products(
+            source, kind, out_dir, params.import_, images, fetch_images, mapping
+        )
+    typer.echo(report.summary())
+    if dvc:
+        _record_data_version(out_dir)
 
 
 @stage_app.command("list")
@@ -161,6 +230,27 @@ def stage_run(
         typer.echo(f"{key}: {value:g}")
 
 
+# Without PREFECT_API_URL a flow starts a temporary Prefect server in a subprocess; Prefect's 20 s
+# for it to answer is too short on a busy 2-core machine.
+EPHEMERAL_STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+EPHEMERAL_STARTUP_SECONDS = "120"
+
+
+def _in_process(run_flow: Callable[[], T]) -> T:
+    """Run a flow in this process; a temporary Prefect server too slow to start is one line."""
+    try:
+        return run_flow()
+    except RuntimeError as err:
+        if "ephemeral Prefect API server" not in str(err):
+            raise
+        seconds = os.environ.get(EPHEMERAL_STARTUP_TIMEOUT, EPHEMERAL_STARTUP_SECONDS)
+        raise AceError(
+            f"the temporary Prefect server did not answer within {seconds} s (a busy machine?): "
+            f"set {EPHEMERAL_STARTUP_TIMEOUT} higher, or start a server (`prefect server start`) "
+            "and point PREFECT_API_URL at it"
+        ) from err
+
+
 @pipeline_app.command("run")
 def pipeline_run(
     stage: Annotated[
@@ -172,7 +262,9 @@ def pipeline_run(
     """Run the Prefect flow `ace` in this process (no server needed)."""
     from flows.ace import ace
 
-    ace(params_file=str(params_file), overrides=_parse_overrides(set_), stages=stage)
+    _in_process(
+        lambda: ace(params_file=str(params_file), overrides=_parse_overrides(set_), stages=stage)
+    )
 
 
 @pipeline_app.command("retrain")
@@ -184,7 +276,9 @@ def pipeline_retrain(
     """Run the Prefect flow behind `ace/retrain` in this process: monitor, retrain on drift."""
     from flows.retrain import retrain
 
-    result = retrain(params_file=str(params_file), overrides=_parse_overrides(set_), force=force)
+    result = _in_process(
+        lambda: retrain(params_file=str(params_file), overrides=_parse_overrides(set_), force=force)
+    )
     typer.echo(f"{result['decision']}: {result['outcome']}")
 
 
@@ -277,13 +371,46 @@ def search(
     from components.search import contact_sheet, search_titles
 
     params = load_params(params_file)
-    results = search_titles(params, model, query, k)
+    results, warning = search_titles(params, model, query, k)
+    if warning:
+        typer.echo(f"warning: {query!r}: {warning}", err=True)
     for rank, row in enumerate(results.itertuples(), start=1):
         cached = " (hot-query cache)" if row.cached and rank == 1 else ""
         typer.echo(f"{rank:3d}. {row.score:.3f}  {row.product_id}  {row.title}{cached}")
     if sheet is not None:
         contact_sheet(params, results, query, sheet)
         typer.echo(f"wrote {sheet}")
+
+
+@app.command("serve")
+def serve_command(
+    model: Annotated[str, typer.Option(help="Registered model URI.")] = "models:/ace@champion",
+    host: Annotated[str | None, typer.Option(help="Default: params serving.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: params serving.port.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Default: params serving.workers.")] = None,
+    params_file: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Serve a registered model over HTTP: MLflow's scoring protocol, with the request limits."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from components import tracking
+    from components.server import serve
+
+    cfg = _params(params_file, set_).serving
+    # uvicorn's worker processes resolve models:/ URIs through the environment.
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    try:
+        mlflow.models.get_model_info(model)
+    except (MlflowException, OSError) as err:
+        raise AceError(f"{model}: no such model ({_first_line(err)}); run the pipeline") from err
+    serve(model, host or cfg.host, port or cfg.port, workers or cfg.workers)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(getattr(err, "message", err)).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 @app.command("compare")
@@ -360,6 +487,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # The in-process Prefect server would try to send usage telemetry: there is no route out.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault(EPHEMERAL_STARTUP_TIMEOUT, EPHEMERAL_STARTUP_SECONDS)
     # Progress bars for steps of a second: transformers draws "Writing model shards" for every
     # save of a one-file model and MLflow "Downloading artifacts" for every model it loads
     # (46 bars in `make demo`). The stages' own bars and progress lines stay.

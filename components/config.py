@@ -409,6 +409,9 @@ class EvaluateConfig(_Section):
     ks: tuple[int, ...] = (10, 50, 100)  # Recall@K
     batch_size: int = Field(default=128, ge=1)  # encoding
     map_points: int = Field(default=1000, ge=10)  # queries and as many products in the 2-D map
+    # A judged query set (CSV/Parquet: query, product_id, label as E/S/C/I, Exact/Partial/
+    # Irrelevant or a gain) scored besides the click log; None: clicks only.
+    judgements: Path | None = None
     seed: int = 13
     device: str = "auto"
 
@@ -431,6 +434,35 @@ class TrackingConfig(_Section):
     registered_model: str = "ace"
 
 
+class ServingLimits(_Section):
+    """What one request may ask of the served model; the gate bundles these with it, and a
+    request over one is answered at once with a 4xx naming it."""
+
+    max_rows_per_request: int = Field(default=256, ge=1)  # queries in one request
+    max_k: int = Field(default=1000, ge=1)  # products per query (and at most the catalogue)
+    max_query_chars: int = Field(default=256, ge=1)
+    max_request_bytes: int = Field(default=1_048_576, ge=1024)  # `ace serve`: body size (413)
+
+
+class ServingConfig(_Section):
+    """The served model's limits, and where `ace serve` listens."""
+
+    limits: ServingLimits = ServingLimits()
+    host: str = "127.0.0.1"
+    port: int = Field(default=5001, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1)  # uvicorn worker processes, each loads the model
+
+
+class ImportConfig(_Section):
+    """`ace data import`: which level of a category path, and how images are fetched (only with
+    --fetch-images)."""
+
+    category_level: int = Field(default=0, ge=0)  # 1 = the top of "A > B > C", 0 = the last
+    fetch_timeout_seconds: float = Field(default=10.0, gt=0)  # connecting, each read, and in all
+    fetch_max_bytes: int = Field(default=10_000_000, ge=1024)  # larger images are quarantined
+    fetch_workers: int = Field(default=8, ge=1)  # downloads at once
+
+
 class Params(_Section):
     paths: PathsConfig = PathsConfig()
     synth: SynthConfig
@@ -449,6 +481,8 @@ class Params(_Section):
     monitor: MonitorConfig = MonitorConfig()
     retrain: RetrainConfig = RetrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    serving: ServingConfig = ServingConfig()
+    import_: ImportConfig = Field(default=ImportConfig(), alias="import")
 
     # A named set of overrides from `profiles`, applied over the sections above (params.yaml <
     # profile < command-line overrides): `small` is the random-init CPU model the tests use.
@@ -459,7 +493,7 @@ class Params(_Section):
 
     def section(self, name: str) -> _Section:
         """The config object of one params.yaml section, by its YAML name."""
-        return self.validate_ if name == "validate" else getattr(self, name)
+        return getattr(self, f"{name}_" if name in ("validate", "import") else name)
 
     def value(self, dotted: str) -> object:
         """A section (as plain data) or one dotted key of it (`finetune.hot_queries`)."""

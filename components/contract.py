@@ -1,7 +1,7 @@
 """The data contract: what any producer of data (the synthetic world or a user's own export) writes.
 
 data/
-  products.parquet (or .csv)     product_id, title, category, image_path
+  products.parquet (or .csv)     product_id, title, category (optional), image_path
   impressions.parquet (or .csv)  search_id, query, product_id, position, clicked, day
   images/                        image files, referenced by image_path (relative to data/)
   world.json                     optional: how the data was produced (the synthetic world writes it)
@@ -22,6 +22,10 @@ PRODUCT_COLUMNS: dict[str, str] = {
     "category": "string",
     "image_path": "string",
 }
+# Optional: a product without one gets NO_CATEGORY, so mixed negative sampling (finetune) draws
+# its negatives at random instead of from the same category.
+OPTIONAL_PRODUCT_COLUMNS = ("category",)
+NO_CATEGORY = "(uncategorized)"
 IMPRESSION_COLUMNS: dict[str, str] = {
     "search_id": "string",  # one search = one query issued once, with its ranked impressions
     "query": "string",

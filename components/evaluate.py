@@ -27,7 +27,14 @@ from components.backbones import resolve_device
 from components.baselines import LABELS, RESULTS_FILE
 from components.config import Params
 from components.errors import DataError
-from components.evaluator import PERIOD_PREFIX, EmbeddingRanker, period_evaluators, prefixed
+from components.evaluator import (
+    PERIOD_PREFIX,
+    EmbeddingRanker,
+    judged_figures,
+    load_judgements,
+    period_evaluators,
+    prefixed,
+)
 from components.features import FeatureStore
 from components.index import build_index
 from components.plot_data import RECALL, write_recall_curves
@@ -78,6 +85,8 @@ def evaluate_retriever(params: Params, out_dir: Path, progress: bool = True) -> 
     metrics: dict[str, float] = {}
     for period, evaluator in evaluators.items():
         metrics.update(prefixed(evaluator(ranker), PERIOD_PREFIX[period]))
+    if cfg.judgements is not None:
+        metrics.update(judged_figures(load_judgements(cfg.judgements), ranker, cfg.ks))
     test = evaluators["test"]
     metrics["test_rows_without_image"] = float(test.rows_dropped)
     metrics["n_products"] = float(len(catalogue))

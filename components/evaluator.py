@@ -265,3 +265,83 @@ def period_evaluators(
 
 def prefixed(metrics: dict[str, float], *prefixes: str) -> dict[str, float]:
     return {"".join(prefixes) + key: value for key, value in metrics.items()}
+
+
+# Relevance labels of the public judged query sets, as gains (docs/finetune.md): Amazon's Shopping
+# Queries (ESCI: Exact, Substitute, Complement, Irrelevant; the gains of its nDCG) and Wayfair's
+# WANDS (Exact, Partial, Irrelevant). A number is taken as the gain itself.
+LABEL_GAINS = {
+    "e": 1.0,
+    "exact": 1.0,
+    "s": 0.1,
+    "substitute": 0.1,
+    "c": 0.01,
+    "complement": 0.01,
+    "partial": 0.5,
+    "i": 0.0,
+    "irrelevant": 0.0,
+}
+JUDGED_COLUMNS = ("query", "product_id", "label")
+
+
+def load_judgements(path: Path) -> pd.DataFrame:
+    """(query, product_id, gain) from a CSV or Parquet judged query set; one line per problem."""
+    path = Path(path)
+    try:
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable judged query set ({err})") from err
+    missing = [c for c in JUDGED_COLUMNS if c not in frame]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)} (query, product_id, label)"
+        )
+    frame = frame.dropna(subset=list(JUDGED_COLUMNS))
+    labels = frame["label"].astype(str).str.strip().str.lower()
+    gains = labels.map(LABEL_GAINS)
+    numeric = pd.to_numeric(labels, errors="coerce")
+    gains = gains.fillna(numeric)
+    if gains.isna().any():
+        bad = sorted(set(labels[gains.isna()]))[:5]
+        raise DataError(
+            f"{path}: unknown label(s) {bad}: use E/S/C/I, Exact/Partial/Irrelevant or a number"
+        )
+    return pd.DataFrame(
+        {
+            "query": frame["query"].astype(str),
+            "product_id": frame["product_id"].astype(str),
+            "gain": gains.astype(float).to_numpy(),
+        }
+    )
+
+
+def judged_figures(
+    judgements: pd.DataFrame, ranker: Ranker, ks: Sequence[int] = (10, 50, 100)
+) -> dict[str, float]:
+    """nDCG@10 with graded gains and Recall@K of the fully relevant (gain 1) products, over the
+    judged queries; judged products the ranker's catalogue lacks count as misses."""
+    row_of = {pid: i for i, pid in enumerate(ranker.product_ids)}
+    by_query = {q: g for q, g in judgements.groupby("query", sort=True)}
+    queries = [q for q, g in by_query.items() if (g["gain"] > 0).any()]
+    if not queries:
+        raise DataError("the judged query set has no query with a relevant product")
+    depth = min(max(*ks, 10), len(row_of))
+    top = np.asarray(ranker.top_k(queries, depth))
+    discounts = 1.0 / np.log2(np.arange(2, 12))
+    ndcg, recalls = [], {k: [] for k in ks}
+    for query, ranking in zip(queries, top, strict=True):
+        judged = by_query[query]
+        pairs = list(zip(judged["product_id"], judged["gain"], strict=True))
+        gain_of = {row_of[p]: g for p, g in pairs if p in row_of}
+        gains = np.array([gain_of.get(r, 0.0) for r in ranking[:10]])
+        ideal = np.sort(judged["gain"].to_numpy())[::-1][:10]
+        ndcg.append(float(gains @ discounts[: len(gains)] / (ideal @ discounts[: len(ideal)])))
+        exact = {row_of.get(p, -1) for p, g in pairs if g >= 1}
+        if exact:
+            for k in ks:
+                recalls[k].append(len(exact & set(ranking[:k].tolist())) / len(exact))
+    out = {"judged_ndcg_at_10": float(np.mean(ndcg)), "judged_queries": float(len(queries))}
+    for k, values in recalls.items():
+        if values:
+            out[f"judged_recall_at_{k}"] = float(np.mean(values))
+    return out

@@ -222,7 +222,12 @@ def finetune(
     keys = ["main_loss"] + (["adv_loss", "classifier_loss"] if model_cfg.adversarial else [])
     keys += ["keyword_loss"] if keywords else []
     # The paper's Fig. 6 (the semantic-matching loss) beside the adversary's instruments.
-    instruments = [f"val_{cfg.select_metric}", "val_centroid_gap", "val_probe_accuracy"]
+    instruments = [
+        f"val_{cfg.select_metric}",
+        "val_main_loss",
+        "val_centroid_gap",
+        "val_probe_accuracy",
+    ]
     if model_cfg.adversarial:
         instruments += ["adv_grad_ratio", "val_classifier_accuracy"]
     plot_history(trainer.history, keys + instruments, out_dir / CURVE)
@@ -480,11 +485,32 @@ class FinetuneTask(TrainingTask):
         ranker = EmbeddingRanker(self.catalogue.product_ids, products, encode)
         figures = self.validation(ranker, exact=False)
         record = {f"val_{k}": v for k, v in figures.items() if not k.endswith(("queries", "rows"))}
+        record["val_main_loss"] = self.validation_loss(ranker, products)
         queries = ranker.embed(self.validation.queries)
         record.update(modality_gap(queries, products, cfg.seed))
         if self.adversary is not None:
             record.update(held_out_classifier(model.domain_classifier, queries, products))
         return record
+
+    def validation_loss(self, ranker: EmbeddingRanker, products: np.ndarray) -> float:
+        """Eq. 5 on the validation days' distinct clicked pairs, in fixed batches of the
+        training size (in-batch negatives, other positives masked): the task's loss on days it
+        never trained on, with and without an adversary alike."""
+        assert self.validation is not None
+        pairs = click_pairs(self.validation.impressions, self.catalogue.index_of())
+        keys = pairs.keys(len(self.catalogue))
+        queries = torch.from_numpy(ranker.embed(pairs.queries))
+        losses, sizes = [], []
+        for begin in range(0, len(pairs), self.cfg.batch_size):
+            rows = np.arange(begin, min(begin + self.cfg.batch_size, len(pairs)))
+            query, product = pairs.query[rows], pairs.product[rows]
+            if len(rows) < 2:
+                continue
+            positives = also_positive(query, product, keys, len(self.catalogue))
+            q, p = queries[query], torch.from_numpy(products[product])
+            losses.append(semantic_matching_loss(q, p, self.cfg.gamma, positives).item())
+            sizes.append(len(rows))
+        return float(np.average(losses, weights=sizes)) if losses else float("nan")
 
 
 def gradient_ratio(term: torch.Tensor, main: torch.Tensor, at: tuple[torch.Tensor, ...]) -> float:

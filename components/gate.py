@@ -109,6 +109,7 @@ def gate(params: Params, out_dir: Path) -> dict[str, float]:
         artifacts / "index",
         params.finetune.max_query_len,
         out_dir,
+        limits=params.serving.limits,
         product_tower_dir=artifacts / "finetune" / "model",
     )
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")

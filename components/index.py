@@ -6,15 +6,15 @@
 - The hot-query cache holds the teacher's query embeddings of the most frequent training-day
   queries: the fewest top queries that cover `hot_traffic_share` of the training searches, at
   most `hot_max_queries`. A search for a cached query needs no encoder at all.
-- The folder is written aside and swapped in by rename: the previous index stays whole until the
-  new one is complete.
+- The folder is written aside and swapped in by renames (components/atomic.py): the previous
+  index stays whole until the new one is complete, and `load` falls back to it while a swap is
+  between its two renames (or was killed there), so a servable index exists at every instant.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from components.atomic import publish_dir, readable_dir
 from components.config import IndexConfig, Params
 from components.errors import AceError, DataError
 from components.retrieval import (
@@ -171,26 +172,20 @@ def _write_atomically(
     hot_emb: np.ndarray,
     vectors: np.ndarray,
 ) -> None:
-    work = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    np.save(work / PRODUCT_VECTORS, vectors.astype(np.float32))  # exact scores of given pairs
-    faiss.write_index(index, str(work / INDEX_FILE))
-    (work / IDS_FILE).write_text(json.dumps(product_ids) + "\n", encoding="utf-8")
-    (work / HOT_FILE).write_text(json.dumps(hot) + "\n", encoding="utf-8")
-    np.save(work / HOT_EMBEDDINGS, hot_emb.astype(np.float32))
-    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    work.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    def write(work: Path) -> None:
+        np.save(work / PRODUCT_VECTORS, vectors.astype(np.float32))  # exact scores of given pairs
+        faiss.write_index(index, str(work / INDEX_FILE))
+        (work / IDS_FILE).write_text(json.dumps(product_ids) + "\n", encoding="utf-8")
+        (work / HOT_FILE).write_text(json.dumps(hot) + "\n", encoding="utf-8")
+        np.save(work / HOT_EMBEDDINGS, hot_emb.astype(np.float32))
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+    publish_dir(out_dir, write)
 
 
 def load(index_dir: Path) -> tuple[faiss.Index, list[str], dict, list[str], np.ndarray]:
     """(index, product_ids, manifest, hot queries, hot embeddings) as `build` saved them."""
-    index_dir = Path(index_dir)
+    index_dir = readable_dir(index_dir)
     if not (index_dir / MANIFEST).exists():
         raise DataError(f"{index_dir}: no index here (run the index stage)")
     return (

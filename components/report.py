@@ -35,11 +35,12 @@ CHAMPION = "champion"  # the registry alias the gate promotes to (docs/serving.m
 
 @cache
 def _names() -> tuple[frozenset[str], frozenset[str]]:
-    """The evaluator's slice names, and the name parts of figures the report leaves out."""
+    """The evaluator's query sets besides the whole test set (its slices, and a judged query set's
+    `judged_` figures), and the name parts of figures the report leaves out."""
     from components.evaluator import PERIOD_PREFIX, SLICES
 
     periods = {prefix.rstrip("_") for prefix in PERIOD_PREFIX.values() if prefix}
-    return frozenset(SLICES), frozenset({*periods, "exact"})
+    return frozenset({*SLICES, "judged"}), frozenset({*periods, "exact"})
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,11 @@ from components.config import Params
 from components.errors import AceError
 
 
-def search_titles(params: Params, model_uri: str, query: str, k: int) -> pd.DataFrame:
-    """Rows (product_id, score, title, image_path, cached), best first."""
+def search_titles(
+    params: Params, model_uri: str, query: str, k: int
+) -> tuple[pd.DataFrame, str | None]:
+    """(rows of product_id, score, title, image_path, cached, best first; the model's warning:
+    for a query of only unknown words there are no rows, and the warning says why)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -29,7 +32,7 @@ def search_titles(params: Params, model_uri: str, query: str, k: int) -> pd.Data
     products = pd.read_parquet(params.paths.artifacts_dir / "validate" / "products.parquet")
     products = products.set_index("product_id")
     ids, scores = found["product_ids"][0], found["scores"][0]
-    return pd.DataFrame(
+    results = pd.DataFrame(
         {
             "product_id": ids,
             "score": scores,
@@ -40,6 +43,7 @@ def search_titles(params: Params, model_uri: str, query: str, k: int) -> pd.Data
             "cached": bool(found["cached"][0]),
         }
     )
+    return results, found["warning"][0]
 
 
 def contact_sheet(params: Params, results: pd.DataFrame, query: str, path: Path) -> None:

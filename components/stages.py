@@ -304,8 +304,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="gate",
         run=_gate,
-        params=("split", "finetune", "gate", "tracking"),
-        code=("components/gate.py", "components/serving.py"),
+        params=("split", "finetune", "gate", "tracking", "serving"),
+        code=("components/gate.py", "components/serving.py", "components/served_model.py"),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "evaluate", "distill", "index")],
         outs=lambda p: [stage_dir(p, "gate")],
         description="Register the served retriever; promote it to champion only if it passes.",

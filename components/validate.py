@@ -1,7 +1,7 @@
 """The validate stage: Great Expectations judges catalog and click log; bad rows are quarantined.
 
 Input is the data contract (components/contract.py): `products.{parquet|csv}` and
-`impressions.{parquet|csv}` in `data_dir`, with images under it. Two allowances for a user's data:
+`impressions.{parquet|csv}` in `data_dir`, with images under it. Allowances for a user's data:
 
 - `search_id` is optional. When the column is absent, one search is taken to be one query issued
   on one day: search_id = the first 16 hex digits of blake2b(f"{day}\\x1f{query}"), so the id is
@@ -9,11 +9,15 @@ Input is the data contract (components/contract.py): `products.{parquet|csv}` an
 - `timestamp` is accepted instead of `day` (a Parquet timestamp, an ISO-8601 string, or numeric
   Unix seconds): day = whole days from the earliest valid timestamp's date (UTC dates for
   timezone-aware stamps). When both are present, `day` is used.
+- `category` is optional: a product without one (no column, or a null or blank value) gets
+  contract.NO_CATEGORY, so the validated table always has the column; finetune's mixed negatives
+  then fall back to random ones for those products.
 
 Text is decoded as UTF-8; undecodable bytes (in a CSV, or a Parquet string/binary column) do not
 stop the read: the row is quarantined as invalid_utf8:<col>, the bytes shown as \\xNN in its detail.
-In a CSV only an empty cell is null ("NA", "null" are ordinary text). Columns outside the contract
-are ignored and not carried into the outputs.
+In a CSV only an empty cell is null ("NA", "null" are ordinary text). A CSV line with more or fewer
+fields than the header (an unquoted comma in a title) refuses the file, naming the line. Columns
+outside the contract are ignored and not carried into the outputs.
 
 Every row-level check is an expectation in one GX suite per table. Checks pandas cannot express as
 an expectation (UTF-8, duplicates, image decoding, foreign key, integer casts) are first computed as
@@ -22,11 +26,13 @@ first failing check in this priority order (the order of the suite's checks belo
 
 products:
   1. invalid_utf8:<col>      product_id, title, category, image_path
-  2. null:<col>              same columns; a blank product_id, category or image_path counts as null
+  2. null:<col>              product_id, title, image_path; a blank product_id or image_path is null
   3. duplicate_product_id    an earlier row has the same product_id (the first occurrence is kept)
   4. empty_title             title blank after stripping whitespace
   5. title_too_long          stripped title longer than max_title_chars
-  6. image_outside_data_dir  image_path is absolute or climbs out of data_dir
+  6. image_outside_data_dir  image_path is absolute, climbs out of data_dir, or leads out of it
+                             through a symlink (resolved first; the file is never opened); a
+                             link into the project's DVC cache counts as inside
      missing_image           no readable file at image_path
      corrupt_image           the file's bytes do not decode as an image (cv2.imdecode)
   7. image_too_small         width or height below min_image_side
@@ -35,12 +41,13 @@ impressions:
   2. null:<col>              search_id (when given), query, product_id, position, clicked,
                              day (or timestamp)
   3. bad_type:<col>          position, clicked, day: not integer-castable; timestamp: not a time
-  4. empty_query             query blank after stripping whitespace
-  5. query_too_long          stripped query longer than max_query_chars
-  6. position_out_of_range   position outside 1..max_position
-  7. clicked_not_binary      clicked not 0 or 1
-  8. negative_day            day < 0
-  9. unknown_product         product_id is not in the products table at all
+  4. duplicate_impression    an earlier row has every given field equal (the first one is kept)
+  5. empty_query             query blank after stripping whitespace
+  6. query_too_long          stripped query longer than max_query_chars
+  7. position_out_of_range   position outside 1..max_position
+  8. clicked_not_binary      clicked not 0 or 1
+  9. negative_day            day < 0
+ 10. unknown_product         product_id is not in the products table at all
      product_quarantined     product_id is in the products table, but all its rows were quarantined
 
 Outputs (replacing `out_dir` atomically): products.parquet and impressions.parquet (the kept rows,
@@ -49,22 +56,22 @@ contract columns, strings as pandas "string", integers int64, values untouched),
 reasons, every expectation's outcome, thresholds) and data_docs/<table>.html (GX's rendering of
 each suite's result).
 
-Fatal problems raise DataError with one line naming the file: a table missing or unreadable, a
-required column missing, or more than max_quarantine_share of a table quarantined (then all outputs
-are written first, so the quarantine can be inspected).
+Fatal problems raise DataError with one line naming the file: a table missing, unreadable or
+empty, a required column missing, a malformed CSV line, or more than max_quarantine_share of a
+table (or every row of it) quarantined (then all outputs are written first, so the quarantine can
+be inspected).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from string import Formatter
@@ -78,6 +85,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components import contract
+from components.atomic import publish_dir
 from components.config import ValidateConfig
 from components.errors import DataError
 
@@ -169,14 +177,23 @@ def validate_data(data_dir: Path, out_dir: Path, cfg: ValidateConfig) -> Validat
     time_column = (
         "day" if "day" in raw_impressions or TIMESTAMP not in raw_impressions else TIMESTAMP
     )
+    product_required = [
+        c for c in contract.PRODUCT_COLUMNS if c not in contract.OPTIONAL_PRODUCT_COLUMNS
+    ]
     impression_required = [c for c in contract.IMPRESSION_COLUMNS if c not in ("search_id", "day")]
-    # Fail fast on a wrong schema, before any image is opened.
+    # Fail fast on a wrong schema or an empty table, before any image is opened.
     schema = [
-        _require_columns(context, products_path, raw_products, list(contract.PRODUCT_COLUMNS)),
+        _require_columns(context, products_path, raw_products, product_required),
         _require_columns(
             context, impressions_path, raw_impressions, [*impression_required, time_column]
         ),
     ]
+    for path, raw, table in (
+        (products_path, raw_products, contract.PRODUCTS),
+        (impressions_path, raw_impressions, contract.IMPRESSIONS),
+    ):
+        if raw.empty:
+            raise DataError(f"{path}: no rows: an empty {table} table leaves nothing to train on")
 
     log.info(
         "validate: read %d products (%s), %d impressions (%s); checking every image",
@@ -225,23 +242,23 @@ def validate_data(data_dir: Path, out_dir: Path, cfg: ValidateConfig) -> Validat
         report.impressions_kept,
         report.impressions_quarantined,
     )
-    failures = [
-        v.threshold_failure(cfg.max_quarantine_share)
-        for v in verdicts
-        if v.share > cfg.max_quarantine_share
-    ]
+    failures = [f for v in verdicts if (f := v.failure(cfg.max_quarantine_share))]
     summary = {
         "success": not failures,
         "failures": failures,
         "thresholds": cfg.model_dump(),
-        "derived": {"search_id": derived_search_id, "day_from_timestamp": time_column == TIMESTAMP},
+        "derived": {
+            "search_id": derived_search_id,
+            "day_from_timestamp": time_column == TIMESTAMP,
+            "category_placeholder_rows": int(products_view["category_placeholder"].sum()),
+        },
         "tables": {v.table: v.summary() for v in verdicts},
         "schema": [_expectation_summary(r) for result in schema for r in result.results],
         "reasons": report.reasons,
         "image_seconds": round(image_seconds, 3),
         "seconds_before_writing": round(report.seconds, 3),
     }
-    _publish(out_dir, lambda staging: _write_outputs(staging, products, impressions, summary))
+    publish_dir(out_dir, lambda staging: _write_outputs(staging, products, impressions, summary))
     if failures:
         raise DataError("; ".join(failures))
     return dataclasses.replace(report, seconds=time.perf_counter() - started)
@@ -255,6 +272,7 @@ def _read(path: Path, table: str, columns: set[str]) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"{path}: file not found (expected {table}.parquet or {table}.csv)")
     if path.suffix == ".csv":
+        check_csv_records(path)
         try:
             return pd.read_csv(
                 path,
@@ -275,6 +293,30 @@ def _read(path: Path, table: str, columns: set[str]) -> pd.DataFrame:
     return pd.DataFrame({name: _arrow_column(arrow.column(name)) for name in names}).reindex(
         pd.RangeIndex(arrow.num_rows)
     )
+
+
+def check_csv_records(path: Path, delimiter: str = ",") -> None:
+    """Refuse a CSV with a record whose field count differs from the header's, naming its line:
+    pandas would shift such a line's values into the wrong columns, or drop some, silently."""
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        records = csv.reader(handle, delimiter=delimiter)
+        try:
+            header = next(records, None)
+            for record in records if header is not None else ():
+                if record and len(record) != len(header):
+                    raise DataError(
+                        f"{path}: not a readable CSV file (line {records.line_num} has "
+                        f"{_fields(len(record))}, the header {len(header)}: an unquoted comma "
+                        "or quote?)"
+                    )
+        except csv.Error as err:
+            raise DataError(
+                f"{path}: not a readable CSV file (line {records.line_num}: {err})"
+            ) from err
+
+
+def _fields(n: int) -> str:
+    return f"{n} field" if n == 1 else f"{n} fields"
 
 
 def _arrow_column(column: pa.ChunkedArray) -> pd.Series:
@@ -374,22 +416,44 @@ def _probe_image(path: Path) -> tuple[str, int, int]:
     return "ok", int(image.shape[1]), int(image.shape[0])
 
 
+def _inside_roots(data_dir: Path) -> tuple[Path, ...]:
+    """Where an image file may really lie: the data folder, and the DVC cache of the project
+    around it (with DVC's `cache.type: symlink` every data file is a link into that cache)."""
+    data_root = data_dir.resolve()
+    for folder in (data_root, *data_root.parents):
+        if (folder / ".dvc").is_dir():
+            return data_root, (folder / ".dvc" / "cache").resolve()
+    return (data_root,)
+
+
 def _probe_images(image_paths: pd.Series, data_dir: Path) -> pd.DataFrame:
     """image_status, image_width, image_height, image_min_side per row (NA where not decoded)."""
+    roots = _inside_roots(data_dir)
 
     def probe(relative: str) -> tuple[str, int, int]:
-        # The data must be self-contained: DVC versions data_dir, nothing outside it.
+        # The data must be self-contained: DVC versions data_dir, nothing outside it. The text
+        # is checked first, then where the path really leads (symlinks followed, nothing opened).
         if os.path.isabs(relative) or os.path.normpath(relative).split(os.sep)[0] == os.pardir:
             return "image_outside_data_dir", 0, 0
-        return _probe_image(data_dir / relative)
+        try:
+            target = (data_dir / relative).resolve()
+        except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
+            return "missing_image", 0, 0
+        if not any(target.is_relative_to(root) for root in roots):
+            return "image_outside_data_dir", 0, 0
+        return _probe_image(target)
 
     unique = image_paths.dropna().unique()
     with ThreadPoolExecutor(_IMAGE_WORKERS) as pool:
         found = dict(zip(unique, pool.map(probe, unique), strict=True))
-    status = image_paths.map(lambda p: found[p][0], na_action="ignore").astype("string")
-    decoded = status == "ok"
-    width = image_paths.map(lambda p: found[p][1], na_action="ignore").astype("float64")
-    height = image_paths.map(lambda p: found[p][2], na_action="ignore").astype("float64")
+    probed = [
+        found.get(p, (None, np.nan, np.nan)) if isinstance(p, str) else (None,) * 3
+        for p in image_paths
+    ]
+    status = pd.Series([r[0] for r in probed], index=image_paths.index, dtype="string")
+    decoded = (status == "ok").fillna(False)
+    width = pd.Series([r[1] for r in probed], index=image_paths.index, dtype="float64")
+    height = pd.Series([r[2] for r in probed], index=image_paths.index, dtype="float64")
     return pd.DataFrame(
         {
             "image_status": status,
@@ -404,7 +468,10 @@ def _product_view(raw: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
     """The products with the derived columns their suite judges."""
     view = pd.DataFrame(index=raw.index)
     for column in contract.PRODUCT_COLUMNS:
-        view[column], view[f"{column}_utf8_ok"] = _text(raw[column], column in _BLANK_IS_NULL)
+        given = raw[column] if column in raw else pd.Series(pd.NA, index=raw.index, dtype="string")
+        view[column], view[f"{column}_utf8_ok"] = _text(given, column in _BLANK_IS_NULL)
+    view["category_placeholder"] = view["category"].isna()
+    view["category"] = view["category"].fillna(contract.NO_CATEGORY)
     view["product_id_repeated"] = (
         view["product_id"]
         .duplicated(keep="first")
@@ -430,6 +497,10 @@ def _impression_view(
         _to_int(view["day"]) if time_column == "day" else _day_from_timestamp(view[TIMESTAMP])
     )
     view["query_chars"] = view["query"].str.strip().str.len().astype("float64")
+    # The same impression twice (an export run twice, a join gone wrong): every given field
+    # equal. Without search_id or timestamp two identical searches on one day look the same.
+    given = [c for c in view.columns if c in (*contract.IMPRESSION_COLUMNS, TIMESTAMP)]
+    view["impression_repeated"] = view[given].duplicated(keep="first")
     if "search_id" not in view:
         view["search_id"] = _derive_search_ids(view["day_int"], view["query"])
 
@@ -579,7 +650,7 @@ def _product_checks(cfg: ValidateConfig) -> list[_Check]:
     columns = list(contract.PRODUCT_COLUMNS)
     return [
         *(_utf8_check(c) for c in columns),
-        *(_null_check(c) for c in columns),
+        *(_null_check(c) for c in columns if c not in contract.OPTIONAL_PRODUCT_COLUMNS),
         _check(
             expect.ExpectColumnValuesToBeInSet(column="product_id_repeated", value_set=[False]),
             {"duplicate_product_id": "product_id {product_id!r} already appears on an earlier row"},
@@ -628,6 +699,10 @@ def _impression_checks(cfg: ValidateConfig, time_column: str, with_search_id: bo
         *(_null_check(c) for c in [*texts, *integers, time_column]),
         *(_type_check(c, "an integer") for c in integers),
         _type_check(time_column, "an integer" if time_column == "day" else "a time"),
+        _check(
+            expect.ExpectColumnValuesToBeInSet(column="impression_repeated", value_set=[False]),
+            {"duplicate_impression": "an earlier row is the same impression (every field equal)"},
+        ),
         _check(
             expect.ExpectColumnValuesToBeBetween(column="query_chars", min_value=1),
             {"empty_query": "query {query!r} is blank"},
@@ -687,10 +762,17 @@ class _Verdict:
     def share(self) -> float:
         return _share(len(self.quarantine), len(self.view))
 
-    def threshold_failure(self, limit: float) -> str:
+    def failure(self, limit: float) -> str | None:
+        """Why this table fails the stage: too much quarantined, or nothing left; else None."""
         counts = self.quarantine["reason"].value_counts()
         reasons = ", ".join(f"{n} {reason}" for reason, n in counts.items())
-        return f"{self.path}: {self.share:.1%} of rows quarantined (limit {limit:.1%}): {reasons}"
+        if self.share > limit:
+            return (
+                f"{self.path}: {self.share:.1%} of rows quarantined (limit {limit:.1%}): {reasons}"
+            )
+        if self.kept.empty:
+            return f"{self.path}: every row quarantined ({reasons}): nothing left to train on"
+        return None
 
     def summary(self) -> dict[str, object]:
         by_id = {r.expectation_config.id: r for r in self.result.results}
@@ -824,22 +906,3 @@ def _write_outputs(
     docs.mkdir()
     for verdict in (products, impressions):
         (docs / f"{verdict.table}.html").write_text(_data_docs(verdict.result), encoding="utf-8")
-
-
-def _publish(out_dir: Path, write: Callable[[Path], None]) -> None:
-    """Write into a sibling temp dir, then swap it in: a crash never leaves half an output."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        write(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
-        if out_dir.exists():
-            retired = staging.with_name(f"{staging.name}.old")
-            out_dir.rename(retired)
-            staging.rename(out_dir)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -179,3 +179,42 @@ def test_slices_split_the_clicks_by_what_the_title_says(tmp_path: Path):
     assert figures["text_gauc"] == 1.0 and figures["text_recall_at_1"] == 0.5
     assert figures["text_queries"] == 2
     assert figures["cold_recall_at_2"] == 0.0
+
+
+def test_a_judged_query_set_scores_graded_ndcg_and_recall(tmp_path: Path):
+    from components.errors import DataError
+    from components.evaluator import judged_figures, load_judgements
+
+    judged = tmp_path / "judged.csv"
+    pd.DataFrame(
+        {
+            "query": ["red dress"] * 3 + ["sofa"] * 2 + ["lamp"],
+            "product_id": ["a", "b", "c", "d", "x", "a"],
+            "label": ["E", "S", "I", "Exact", "Partial", "irrelevant"],
+        }
+    ).to_csv(judged, index=False)
+    judgements = load_judgements(judged)
+    assert list(judgements["gain"]) == [1.0, 0.1, 0.0, 1.0, 0.5, 0.0]
+
+    class Fixed:  # ranks c, b, a, d for every query
+        def __init__(self) -> None:
+            self.product_ids = ["c", "b", "a", "d"]
+
+        def score_pairs(self, queries, rows):
+            return -np.asarray(rows, float)
+
+        def top_k(self, queries, k):
+            return np.tile(np.arange(min(k, 4)), (len(queries), 1))
+
+    figures = judged_figures(judgements, Fixed(), ks=(1, 3))
+    # "lamp" has no relevant product: left out. "x" is judged but not in the catalogue: a miss.
+    assert figures["judged_queries"] == 2
+    red = (0.1 / np.log2(3) + 1.0 / np.log2(4)) / (1.0 + 0.1 / np.log2(3))
+    sofa = (1.0 / np.log2(5)) / (1.0 + 0.5 / np.log2(3))
+    assert figures["judged_ndcg_at_10"] == pytest.approx((red + sofa) / 2)
+    assert figures["judged_recall_at_1"] == 0.0 and figures["judged_recall_at_3"] == 0.5
+
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"query": ["q"], "product_id": ["a"], "label": ["maybe"]}).to_csv(bad)
+    with pytest.raises(DataError, match="unknown label"):
+        load_judgements(bad)

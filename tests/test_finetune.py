@@ -396,6 +396,17 @@ def test_tiny_finetune_learns_resumes_and_evaluates(
     coarse = evaluate_retriever(_params(world, tiny_world, **one_cell), tmp_path / "ivf", False)
     assert coarse["recall_at_100"] < coarse["exact_recall_at_100"]
     assert coarse["gauc"] == evaluated["gauc"]  # pair scores never touch the index
+    # A judged query set beside the clicks: the test days' clicks judged Exact, the other
+    # impressions Irrelevant, give the click figures' Recall@K back.
+    test = split_days(
+        pd.read_parquet(world / "validate" / "impressions.parquet"), params.split
+    ).test
+    judged = test.assign(label=np.where(test["clicked"] == 1, "E", "I"))
+    judged[["query", "product_id", "label"]].to_csv(tmp_path / "judged.csv", index=False)
+    with_judged = {"evaluate.judgements": str(tmp_path / "judged.csv")}
+    scored = evaluate_retriever(_params(world, tiny_world, **with_judged), tmp_path / "j", False)
+    assert scored["judged_recall_at_100"] == pytest.approx(scored["recall_at_100"])
+    assert scored["judged_queries"] == scored["queries"]
 
     # Distillation: a 1-layer student of the 2-layer teacher, which learns to follow it.
     distilled = distill(_params(world, tiny_world, **{"distill.epochs": 6}), world / "distill")

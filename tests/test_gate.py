@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
+from unittest import mock
 
 import mlflow
 import pandas as pd
@@ -18,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components import tracking
-from components.config import FeaturesConfig, Params, load_params
+from components.config import FeaturesConfig, Params, ServingLimits, load_params
 from components.distill import distill
 from components.evaluate import evaluate_retriever
 from components.features import build_features
@@ -27,7 +29,7 @@ from components.gate import CHALLENGER, CHAMPION, PREVIOUS, check, evaluate_serv
 from components.index import build as build_index
 from components.pretrain import pretrain
 from components.retrieval import split_days
-from components.serving import Retriever, validate_request
+from components.serving import UNKNOWN_WORDS, Retriever, validate_request
 from tests.conftest import ROOT, TINY_OVERRIDES
 
 BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
@@ -152,28 +154,71 @@ def test_a_served_model_is_charged_for_clicks_on_products_its_index_lacks(
     assert charged["gauc"] < known["gauc"]
 
 
-def test_served_model_answers_and_refuses_bad_requests(world: Path, tiny_world: Path):
-    decision = _run_gate(_params(world, tiny_world))
-    model = mlflow.pyfunc.load_model(f"models:/ace/{decision['version']}")
+@pytest.fixture(scope="module")
+def champion(world: Path, tiny_world: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(tracking store, the bundle's local folder) of one champion with small limits, registered
+    once for the serving tests in a store of its own."""
+    home = tmp_path_factory.mktemp("champion")
+    store = f"sqlite:///{home / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": store}):
+        _run_gate(_params(world, tiny_world, **{"serving.limits.max_rows_per_request": 50}))
+        bundle = Path(mlflow.artifacts.download_artifacts("models:/ace@champion"))
+    return store, bundle
+
+
+def test_served_model_answers_and_refuses_bad_requests(champion: tuple[str, Path]):
+    _, bundle = champion
+    assert not list(bundle.rglob("*.pkl"))  # models from code: nothing to unpickle
+    model = mlflow.pyfunc.load_model(str(bundle))
     answer = model.predict(pd.DataFrame({"query": ["red dress", "blue cap"], "k": [5, 3]}))
     assert [len(ids) for ids in answer["product_ids"]] == [5, 3]
     assert all(s[0] >= s[-1] for s in answer["scores"])  # best first
+    assert answer["warning"].isna().all()
     default = model.predict(pd.DataFrame({"query": ["red dress"]}))
     assert len(default["product_ids"][0]) == 10
+    # k is optional per row: a row without it gets the default.
+    mixed = model.predict(pd.DataFrame({"query": ["red dress", "blue cap"], "k": [4, None]}))
+    assert [len(ids) for ids in mixed["product_ids"]] == [4, 10]
 
     for frame, message in (
-        (pd.DataFrame({"q": ["red"]}), "query"),
-        (pd.DataFrame({"query": ["   "]}), "empty"),
-        (pd.DataFrame({"query": ["x" * 300]}), "characters"),
-        (pd.DataFrame({"query": ["red"], "k": [0]}), "between"),
-        (pd.DataFrame({"query": ["red"], "k": [10**6]}), "between"),
+        (pd.DataFrame({"q": ["red"]}), "no rows with a 'query'"),  # MLflow drops 'q'
+        (pd.DataFrame({"q": ["red"], "k": [3]}), "missing field 'query'"),
+        (pd.DataFrame({"query": ["   "]}), "row 0: 'query' is empty"),
+        (pd.DataFrame({"query": ["x" * 300]}), "row 0: 'query' has 300 characters, at most 256"),
+        (pd.DataFrame({"query": ["red\ud800"]}), "row 0: 'query' is not valid Unicode text"),
+        (pd.DataFrame({"query": ["red"], "k": [0]}), "row 0: 'k' must be between 1 and 100"),
+        (pd.DataFrame({"query": ["red"], "k": [10**6]}), "between 1 and 100, got 1000000"),
+        (pd.DataFrame({"query": ["a", "b"], "k": [3, 10.5]}), "row 1: 'k' must be a whole number"),
+        (pd.DataFrame({"query": ["red"], "k": ["10"]}), "row 0: 'k' must be a whole number"),
+        (pd.DataFrame({"query": ["red"], "k": [True]}), "row 0: 'k' must be a whole number"),
+        (pd.DataFrame({"query": ["red"] * 51}), "51 queries in one request, at most 50"),
     ):
-        with pytest.raises(MlflowException, match=message):
+        with pytest.raises(MlflowException, match=re.escape(message)) as caught:
             model.predict(frame)
-    with pytest.raises(MlflowException, match="integer"):
-        validate_request(pd.DataFrame({"query": ["red"], "k": ["ten"]}), 100)
-    with pytest.raises(MlflowException, match="string"):
-        validate_request(pd.DataFrame({"query": [3]}), 100)
+        assert caught.value.get_http_status_code() == 400
+        assert "\n" not in caught.value.message
+
+    limits = ServingLimits(max_k=50)
+    assert validate_request({"query": ["a"], "k": [10.0]}, limits, 100) == (["a"], [10])
+    with pytest.raises(MlflowException, match="between 1 and 20"):  # the catalogue caps k
+        validate_request(pd.DataFrame({"query": ["red"], "k": [30]}), limits, 20)
+    with pytest.raises(MlflowException, match="'query' must be a string, got int"):
+        validate_request(pd.DataFrame({"query": [3]}), limits, 100)
+    with pytest.raises(MlflowException, match="expected rows with a 'query' field"):
+        validate_request([["red"]], limits, 100)
+    assert validate_request([{"query": "a", "k": 2}, {"query": "b"}], limits, 100) == (
+        ["a", "b"],
+        [2, 10],
+    )
+
+
+def test_a_query_of_only_unknown_words_returns_nothing_and_says_why(world: Path, tiny_world: Path):
+    retriever = Retriever(world / "distill" / "student", world / "index", 12)
+    found = retriever.search(["👗🔥", "红色连衣裙", "red dress 👗"], [5, 5, 5])
+    assert found["product_ids"].tolist()[:2] == [[], []]
+    assert found["warning"].tolist()[:2] == [UNKNOWN_WORDS] * 2
+    assert len(found["product_ids"][2]) == 5 and found["warning"][2] is None  # one known word
 
 
 def _free_port() -> int:
@@ -182,71 +227,132 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(port: int, payload: object) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations",
-        data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_the_champion_over_http(
-    world: Path, tiny_world: Path, mlflow_store: str, tmp_path: Path
-):
-    _run_gate(_params(world, tiny_world))
+@pytest.fixture(scope="module")
+def served(champion: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """`ace serve` of the champion, started once for the HTTP tests; its port."""
+    store, _ = champion
+    log = tmp_path_factory.mktemp("served") / "server.log"
     port = _free_port()
-    # mlflow starts uvicorn by name: the venv must be on PATH, as it is once activated.
+    # The server starts uvicorn by name: the venv must be on PATH, as it is once activated.
     path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "PATH": path}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": path}
     server = subprocess.Popen(
-        [
-            BIN / "mlflow",
-            "models",
-            "serve",
-            "-m",
-            "models:/ace@champion",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        [BIN / "ace", "serve", "--port", str(port)],
+        cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "server.log").open("w"),
+        stderr=log.open("w"),
     )
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
+        deadline = time.time() + 120
+        while True:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
                 break
             except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                assert server.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, "the server did not start"
                 time.sleep(1)
-        status, body = _post(port, {"dataframe_records": [{"query": "red dress", "k": 4}]})
-        assert status == 200, body
-        assert len(body["predictions"][0]["product_ids"]) == 4
-        for bad in (
-            {"dataframe_records": [{"query": "", "k": 4}]},
-            {"dataframe_records": [{"query": "red", "k": 0}]},
-            {"dataframe_records": [{"k": 4}]},
-            {"dataframe_records": [{"query": 5}]},
-            {"dataframe_records": [{"query": "red", "k": "x"}]},
-            {"something": "else"},
-        ):
-            status, body = _post(port, bad)
-            assert 400 <= status < 500, (bad, status, body)
+        yield port
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _post(port: int, body: bytes | None, content_type: str | None = "application/json"):
+    """(status, JSON body) of POST /invocations, sent exactly as given."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": content_type} if content_type else {}
+    connection.request("POST", "/invocations", body=body, headers=headers)
+    response = connection.getresponse()
+    payload = response.read()
+    connection.close()
+    return response.status, json.loads(payload)
+
+
+def _records(*rows: dict) -> bytes:
+    return json.dumps({"dataframe_records": list(rows)}).encode()
+
+
+HOSTILE_REQUESTS = [
+    # (case, body, content type, status, what the one-line message says)
+    ("k as a string", _records({"query": "red", "k": "10"}), "application/json", 400, "whole"),
+    ("k as a fraction", _records({"query": "red", "k": 10.5}), "application/json", 400, "whole"),
+    ("k as a bool", _records({"query": "red", "k": True}), "application/json", 400, "whole"),
+    ("k of 0", _records({"query": "red", "k": 0}), "application/json", 400, "between 1 and"),
+    ("k over max_k", _records({"query": "red", "k": 5000}), "application/json", 400, "between"),
+    ("empty query", _records({"query": "", "k": 4}), "application/json", 400, "empty"),
+    ("no query", _records({"k": 4}), "application/json", 400, "query"),
+    ("query a number", _records({"query": 5}), "application/json", 400, "must be a string"),
+    (
+        "lone surrogate",
+        b'{"dataframe_records": [{"query": "\\ud800"}]}',
+        "application/json",
+        400,
+        "Unicode",
+    ),
+    ("no rows", _records(), "application/json", 400, "no rows with a 'query'"),
+    ("wrong shape", json.dumps({"something": "else"}).encode(), "application/json", 400, ""),
+    ("not JSON", b"{not json", "application/json", 400, "JSON"),
+    ("a JSON list", b"[1, 2]", "application/json", 400, ""),
+    ("invalid UTF-8", b'{"dataframe_records": [{"query": "\xff"}]}', "application/json", 400, ""),
+    ("empty body, no content type", b"", None, 415, "Content-Type"),
+    ("body, no content type", _records({"query": "red"}), None, 415, "Content-Type"),
+    ("empty body", b"", "application/json", 400, "empty request body"),
+    ("text/plain", b"red dress", "text/plain", 415, ""),
+    ("bad CSV", b'query,k\n"red,3\n', "text/csv", 400, ""),
+    ("not Parquet", b"PAR1 nonsense", "application/vnd.apache.parquet", 400, ""),
+    (
+        "over max_request_bytes",
+        _records(*[{"query": "red dress"}] * 60_000),
+        "application/json",
+        413,
+        "1048576 bytes",
+    ),
+    (
+        "over max_rows_per_request",
+        _records(*[{"query": "red"}] * 51),
+        "application/json",
+        400,
+        "at most 50",
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "says"),
+    [pytest.param(*case[1:], id=case[0]) for case in HOSTILE_REQUESTS],
+)
+def test_ace_serve_answers_hostile_requests_with_one_line_4xx(
+    served, body, content_type, status, says
+):
+    port = served
+    got, payload = _post(port, body, content_type)
+    assert got == status, payload
+    assert set(payload) == {"error_code", "message"} and "\n" not in payload["message"]
+    assert says in payload["message"]
+    assert "Traceback" not in payload["message"] and 'File "' not in payload["message"]
+
+
+@pytest.mark.slow
+def test_ace_serve_answers_the_champion_and_refuses_10000_rows_at_once(served):
+    port = served
+    status, body = _post(port, _records({"query": "red dress", "k": 4}, {"query": "blue cap"}))
+    assert status == 200, body
+    rows = body["predictions"]
+    assert [len(r["product_ids"]) for r in rows] == [4, 10] and rows[0]["warning"] is None
+    status, body = _post(port, _records({"query": "👗"}))
+    assert status == 200 and body["predictions"][0]["product_ids"] == []
+    assert body["predictions"][0]["warning"] == UNKNOWN_WORDS
+    # 10,000 queries: refused whole, naming the limit, before any is searched.
+    status, body = _post(port, _records(*[{"query": "red dress", "k": 10}] * 10_000))
+    assert (status, body["message"]) == (
+        400,
+        "10000 queries in one request, at most 50 (serving.limits.max_rows_per_request): split it",
+    )
+    status, _ = _post(port, _records({"query": "red dress"}))
+    assert status == 200  # and the server is free for the next request
 
 
 def test_search_prints_titles_and_draws_a_contact_sheet(
@@ -257,12 +363,15 @@ def test_search_prints_titles_and_draws_a_contact_sheet(
 
     params = _params(world, tiny_world)
     _run_gate(params)
-    results = search_titles(params, "models:/ace@champion", "red dress", 5)
+    results, warning = search_titles(params, "models:/ace@champion", "red dress", 5)
+    assert warning is None
     products = pd.read_parquet(world / "validate" / "products.parquet").set_index("product_id")
     assert len(results) == 5 and list(results.score) == sorted(results.score, reverse=True)
     assert list(results.title) == [products.at[i, "title"] for i in results.product_id]
     contact_sheet(params, results, "red dress", tmp_path / "sheet.png")
     assert (tmp_path / "sheet.png").stat().st_size > 5000
+    nothing, warning = search_titles(params, "models:/ace@champion", "红色 👗", 5)
+    assert nothing.empty and warning == UNKNOWN_WORDS
     with pytest.raises(AceError, match="between 1 and"):
         search_titles(params, "models:/ace@champion", "red dress", 0)
     with pytest.raises(AceError, match="no such model"):

@@ -84,3 +84,35 @@ def test_a_crash_while_writing_leaves_the_previous_index_whole(
     assert index.ntotal == 100 and product_ids == ids and manifest == {"type": "flat"}
     assert queries == ["q"] and embeddings.shape == (1, 32)
     assert json.loads((out / ix.IDS_FILE).read_text()) == ids
+
+
+def test_a_swap_killed_between_its_renames_still_serves_the_previous_index(
+    vectors: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    out = tmp_path / "index"
+    ids = [f"p{i}" for i in range(100)]
+    hot = np.zeros((1, 32), np.float32)
+    first = ix.build_index(vectors[:100], IndexConfig(type="flat"))
+    ix._write_atomically(out, first, ids, {"type": "flat"}, ["q"], hot, vectors[:100])
+
+    renames: list[Path] = []
+    real_rename = Path.rename
+
+    def killed_after_first_rename(self: Path, target: Path) -> Path:
+        if renames:  # the process died after the first rename: no later rename happens
+            raise KeyboardInterrupt
+        renames.append(self)
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_after_first_rename)
+    second = ix.build_index(vectors[:200], IndexConfig(type="flat"))
+    with pytest.raises(KeyboardInterrupt):
+        ix._write_atomically(out, second, ids * 2, {"type": "flat"}, ["q"], hot, vectors[:200])
+    monkeypatch.undo()
+    assert renames == [out] and not out.exists()  # the instant between the two renames
+
+    index, product_ids, *_ = ix.load(out)  # the loader falls back to the previous index
+    assert index.ntotal == 100 and product_ids == ids
+    ix._write_atomically(out, second, ids * 2, {"type": "flat"}, ["q"], hot, vectors[:200])
+    assert ix.load(out)[0].ntotal == 200
+    assert not list(tmp_path.glob(".index*"))  # nothing left aside

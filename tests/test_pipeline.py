@@ -267,3 +267,27 @@ def test_cli_errors_are_one_line(tmp_path: Path):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "nowhere" in lines[0]
+
+
+def test_pipeline_run_explains_a_temporary_prefect_server_too_slow_to_start(tmp_path: Path):
+    env = _env(
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        PREFECT_SERVER_EPHEMERAL_ENABLED="true",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0",  # as if the machine were swamped
+    )
+    env.pop("PREFECT_API_URL", None)
+    result = subprocess.run(
+        [BIN / "ace", "pipeline", "run", "--stage", "validate"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: the temporary Prefect server did not answer within 0 s (a busy machine?): set "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or start a server (`prefect "
+        "server start`) and point PREFECT_API_URL at it"
+    ]

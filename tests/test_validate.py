@@ -101,7 +101,8 @@ PRODUCT_CASES = [
     ("outside_dir", 7, {"product_id": "px", "image_path": "../x.jpg"}, "image_outside_data_dir"),
     ("empty_title", 0, {"product_id": "px", "title": "   "}, "empty_title"),
     ("long_title", 20, {"product_id": "px", "title": "x" * 600}, "title_too_long"),
-    ("null_category", 7, {"product_id": "px", "category": None}, "null:category"),
+    ("null_image_path", 7, {"product_id": "px", "image_path": None}, "null:image_path"),
+    ("blank_image_path", 7, {"product_id": "px", "image_path": " "}, "null:image_path"),
     ("null_product_id", 7, {"product_id": None}, "null:product_id"),
 ]
 IMPRESSION_CASES = [
@@ -222,15 +223,13 @@ def test_impressions_of_a_quarantined_product_follow_it(data_dir, tmp_path):
 
 def test_first_failing_check_wins(data_dir, tmp_path):
     products, impressions = clean_tables(data_dir)
-    # Null category outranks empty title and a missing image.
-    products = insert_row(
-        products, 2, product_id="px", category=None, title="", image_path="no.jpg"
-    )
+    # A repeated id outranks an empty title and a missing image.
+    products = insert_row(products, 2, product_id="p000", title="", image_path="no.jpg")
     write_tables(data_dir, products, impressions, "parquet")
 
     report = validate_data(data_dir, tmp_path / "out", LENIENT)
 
-    assert report.reasons == {"products/null:category": 1}
+    assert report.reasons == {"products/duplicate_product_id": 1}
 
 
 def test_share_above_threshold_fails_but_writes_outputs(data_dir, tmp_path):
@@ -316,7 +315,11 @@ def test_search_id_derived_from_day_and_query(data_dir, tmp_path):
     assert (groups == 1).all().all()  # one search id never spans two days or queries
     assert len(groups) == len(impressions.drop_duplicates(["day", "query"]))
     summary = json.loads((tmp_path / "out" / "validation.json").read_text())
-    assert summary["derived"] == {"search_id": True, "day_from_timestamp": False}
+    assert summary["derived"] == {
+        "search_id": True,
+        "day_from_timestamp": False,
+        "category_placeholder_rows": 0,
+    }
 
 
 @pytest.mark.parametrize("as_text", [True, False])
@@ -366,6 +369,155 @@ def test_report_refuses_counts_that_do_not_reconcile():
         ValidationReport(10, 8, 1, 5, 5, 0, {"products/missing_image": 1}, 0.1)
     with pytest.raises(ValueError, match="impressions"):
         ValidationReport(10, 9, 1, 5, 4, 1, {"products/missing_image": 1}, 0.1)
-    report = ValidationReport(10, 9, 1, 5, 5, 0, {"products/null:category": 1}, 0.1)
+    report = ValidationReport(10, 9, 1, 5, 5, 0, {"products/null:title": 1}, 0.1)
     assert report.products_quarantine_share == pytest.approx(0.1)
-    assert report.metrics()["quarantined.products.null.category"] == 1.0
+    assert report.metrics()["quarantined.products.null.title"] == 1.0
+
+
+# --- hostile inputs (issue 17): each a quarantine reason or one line naming the file ----------
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_category_is_optional_and_always_in_the_output(data_dir, tmp_path, fmt):
+    products, impressions = clean_tables(data_dir)
+    products.loc[3, "category"] = None
+    products.loc[4, "category"] = "  "
+    write_tables(data_dir, products, impressions, fmt)
+    report = validate_data(data_dir, tmp_path / "out", ValidateConfig())
+    kept, _, quarantine, summary = _outputs(tmp_path / "out")
+    assert report.products_kept == 20 and quarantine.empty
+    assert kept["category"].tolist()[2:6] == [
+        "c2",
+        contract.NO_CATEGORY,
+        contract.NO_CATEGORY,
+        "c1",
+    ]
+    assert summary["derived"]["category_placeholder_rows"] == 2
+
+    write_tables(data_dir, products.drop(columns="category"), impressions, fmt)
+    validate_data(data_dir, tmp_path / "out", ValidateConfig())
+    kept, _, _, summary = _outputs(tmp_path / "out")
+    assert list(kept.columns) == list(contract.PRODUCT_COLUMNS)
+    assert set(kept["category"]) == {contract.NO_CATEGORY}
+    assert summary["derived"]["category_placeholder_rows"] == 20
+
+
+def test_symlinks_are_resolved_before_the_data_folder_check(data_dir, tmp_path):
+    products, impressions = clean_tables(data_dir)
+    outside = tmp_path / "elsewhere" / "secret.jpg"
+    write_image(outside, 100, 100)
+    (data_dir / "images" / "out.jpg").symlink_to(outside)
+    (data_dir / "images" / "in.jpg").symlink_to(data_dir / "images" / "p001.jpg")
+    (data_dir / "images" / "loop.jpg").symlink_to(data_dir / "images" / "loop.jpg")
+    products.loc[3, "image_path"] = "images/out.jpg"
+    products.loc[4, "image_path"] = "images/in.jpg"  # a link that stays inside is fine
+    products.loc[5, "image_path"] = "images/loop.jpg"
+    write_tables(data_dir, products, impressions, "parquet")
+
+    validate_data(data_dir, tmp_path / "out", LENIENT)
+
+    quarantine = _outputs(tmp_path / "out")[2]
+    rows = quarantine[quarantine["table"] == "products"]
+    assert rows[["row", "reason"]].values.tolist() == [
+        [3, "image_outside_data_dir"],
+        [5, "missing_image"],
+    ]
+
+
+def test_a_symlink_into_the_projects_dvc_cache_is_inside(tmp_path):
+    # With DVC's `cache.type: symlink`, every data file is a link into .dvc/cache.
+    data_dir = tmp_path / "project" / "data"
+    products, impressions = clean_tables(data_dir)
+    cached = tmp_path / "project" / ".dvc" / "cache" / "files" / "md5" / "ab" / "cdef"
+    cached.parent.mkdir(parents=True)
+    (data_dir / "images" / "p002.jpg").rename(cached)
+    (data_dir / "images" / "p002.jpg").symlink_to(cached)
+    write_tables(data_dir, products, impressions, "parquet")
+
+    report = validate_data(data_dir, tmp_path / "out", ValidateConfig())
+    assert report.products_kept == 20 and report.reasons == {}
+
+
+def test_duplicate_impressions_are_counted_and_quarantined(data_dir, tmp_path):
+    products, impressions = clean_tables(data_dir)
+    doubled = pd.concat([impressions, impressions.iloc[10:15]], ignore_index=True)
+    # Same search, product and position but another click: not a duplicate.
+    doubled.loc[len(doubled)] = {
+        **impressions.iloc[20].to_dict(),
+        "clicked": 1 - impressions.iloc[20]["clicked"],
+    }
+    write_tables(data_dir, products, doubled, "csv")
+
+    report = validate_data(data_dir, tmp_path / "out", LENIENT)
+
+    quarantine = _outputs(tmp_path / "out")[2]
+    assert report.reasons == {"impressions/duplicate_impression": 5}
+    assert quarantine["row"].tolist() == [100, 101, 102, 103, 104]
+    assert report.impressions_kept == 101
+
+
+@pytest.mark.parametrize(
+    ("table", "line", "edit", "fields"),
+    [
+        ("products", 4, lambda text: text.replace("model", "model, red", 1), 5),  # unquoted comma
+        ("products", 7, lambda text: text + ",extra", 5),
+        ("impressions", 12, lambda text: text.rsplit(",", 1)[0], 5),  # a field short
+        ("impressions", 30, lambda text: '"' + text, 1),  # an unclosed quote swallows the rest
+    ],
+)
+def test_malformed_csv_lines_refuse_the_file_naming_the_line(
+    data_dir, tmp_path, table, line, edit, fields
+):
+    products, impressions = clean_tables(data_dir)
+    paths = dict(
+        zip(
+            ("products", "impressions"),
+            write_tables(data_dir, products, impressions, "csv"),
+            strict=True,
+        )
+    )
+    lines = paths[table].read_text().splitlines()
+    lines[line - 1] = edit(lines[line - 1])
+    paths[table].write_text("\n".join(lines) + "\n")
+    header = len(lines[0].split(","))
+
+    with pytest.raises(DataError) as caught:
+        validate_data(data_dir, tmp_path / "out", ValidateConfig())
+    assert str(caught.value) == (
+        f"{paths[table]}: not a readable CSV file (line {line if fields != 1 else len(lines)} has "
+        f"{fields} field{'s' if fields != 1 else ''}, the header {header}: an unquoted comma or "
+        "quote?)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("empty", "fmt"),
+    [("products", "parquet"), ("impressions", "csv"), ("both", "csv"), ("both", "parquet")],
+)
+def test_empty_tables_are_refused(data_dir, tmp_path, empty, fmt):
+    products, impressions = clean_tables(data_dir)
+    if empty in ("products", "both"):
+        products = products.head(0)
+    if empty in ("impressions", "both"):
+        impressions = impressions.head(0)
+    write_tables(data_dir, products, impressions, fmt)
+    first = "products" if empty != "impressions" else "impressions"
+
+    with pytest.raises(DataError) as caught:
+        validate_data(data_dir, tmp_path / "out", ValidateConfig())
+    assert str(caught.value) == (
+        f"{data_dir / f'{first}.{fmt}'}: no rows: an empty {first} table leaves nothing to train on"
+    )
+
+
+def test_nothing_left_after_validation_fails_even_without_a_share_limit(data_dir, tmp_path):
+    products, impressions = clean_tables(data_dir)
+    write_tables(data_dir, products, impressions.assign(clicked=3), "parquet")
+
+    with pytest.raises(DataError) as caught:
+        validate_data(data_dir, tmp_path / "out", ValidateConfig(max_quarantine_share=1.0))
+    assert str(caught.value) == (
+        f"{data_dir / 'impressions.parquet'}: every row quarantined (100 clicked_not_binary): "
+        "nothing left to train on"
+    )
+    assert len(pd.read_parquet(tmp_path / "out" / "quarantine.parquet")) == 100

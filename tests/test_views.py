@@ -69,6 +69,7 @@ def test_metric_keys_split_into_model_slice_and_metric():
     assert report.split_key("image_recall_at_100") == ("", "image", "recall_at_100")
     assert report.split_key("bm25_image_mrr") == ("bm25", "image", "mrr")
     assert report.split_key("cold_gauc") == ("", "cold", "gauc")
+    assert report.split_key("judged_ndcg_at_10") == ("", "judged", "ndcg_at_10")  # not a baseline
     for left_out in ("val_gauc", "val_bm25_recall_at_10", "exact_mrr", "bm25_exact_gauc"):
         assert report.split_key(left_out) is None  # not a headline test figure
     for not_headline in ("queries", "image_queries", "n_products", "ann_recall_at_100_vs"):
