@@ -114,7 +114,10 @@ def gate(params: Params, out_dir: Path) -> dict[str, float]:
     )
     impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
     periods = split_days(impressions, params.split)
-    train, test = periods.train, periods.test
+    # Drift monitoring's reference: the days the champion was built from, trained on and
+    # selected on (the validation days), i.e. every day before its test period.
+    built_from = pd.concat([periods.train, periods.val])
+    test = periods.test
     client = MlflowClient()
     version = mlflow.register_model(info.model_uri, name).version
     for key, value in {
@@ -122,8 +125,8 @@ def gate(params: Params, out_dir: Path) -> dict[str, float]:
         "data_version": data_version,
         "test_days": params.split.test_days,
         # The windows drift monitoring compares new days against.
-        TRAIN_FIRST_DAY: int(train["day"].min()),
-        TRAIN_LAST_DAY: int(train["day"].max()),
+        TRAIN_FIRST_DAY: int(built_from["day"].min()),
+        TRAIN_LAST_DAY: int(built_from["day"].max()),
         LAST_DAY: int(test["day"].max()),
         "git_commit": tracking.git_commit(),
         "variant": params.model.variant,
