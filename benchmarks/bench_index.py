@@ -44,8 +44,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from components.ann import build_index
 from components.config import IndexConfig, load_params
-from components.index import build_index
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -39,9 +39,9 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from components import pretrain as pt
 from components import pretrained
+from components.clicklog import split_days
 from components.config import Params, load_params
 from components.features import FeatureStore
-from components.retrieval import split_days
 from components.tokenizer import train_wordpiece
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,8 +32,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from components.ann import build_index
 from components.backbones import resolve_device
 from components.bm25 import Bm25Ranker
+from components.clicklog import (
+    click_pairs,
+    hot_queries,
+    leave_one_out_texts,
+    product_text,
+    split_days,
+)
 from components.config import BaselinesConfig, Params
 from components.errors import AceError
 from components.evaluator import (
@@ -44,14 +52,6 @@ from components.evaluator import (
     prefixed,
 )
 from components.features import FeatureStore
-from components.index import build_index
-from components.retrieval import (
-    click_pairs,
-    hot_queries,
-    leave_one_out_texts,
-    product_text,
-    split_days,
-)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

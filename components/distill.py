@@ -27,12 +27,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from components.ann import build_index
 from components.backbones import resolve_device
+from components.clicklog import split_days
 from components.config import Params
 from components.errors import AceError
 from components.evaluator import EmbeddingRanker, period_evaluators
 from components.features import FeatureStore
-from components.index import build_index
 from components.modeling import AceBertForRetrieval
 from components.retrieval import (
     HOT_QUERIES_FILE,
@@ -42,7 +43,6 @@ from components.retrieval import (
     embed_queries,
     encode_texts,
     load_retriever,
-    split_days,
     trim,
 )
 from components.trainer import Schedule, Trainer, TrainingTask, to_device

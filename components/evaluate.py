@@ -23,8 +23,10 @@ import numpy as np
 import pandas as pd
 
 from components import contract
+from components.ann import build_index
 from components.backbones import resolve_device
 from components.baselines import LABELS, RESULTS_FILE
+from components.clicklog import split_days
 from components.config import Params
 from components.errors import DataError
 from components.evaluator import (
@@ -36,7 +38,6 @@ from components.evaluator import (
     prefixed,
 )
 from components.features import FeatureStore
-from components.index import build_index
 from components.plot_data import RECALL, write_recall_curves
 from components.retrieval import (
     HOT_QUERIES_FILE,
@@ -47,7 +48,6 @@ from components.retrieval import (
     embed_queries,
     load_retriever,
     product_modality_weights,
-    split_days,
 )
 
 METRICS_FILE = "metrics.json"

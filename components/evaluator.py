@@ -38,9 +38,9 @@ import numpy as np
 import pandas as pd
 
 from components import contract
+from components.clicklog import Periods
 from components.config import Params
 from components.errors import DataError
-from components.retrieval import Periods
 from components.retrieval_metrics import exact_top_k, gauc, ranking_metrics, relevant_sets
 
 SLICES = ("image", "text", "cold")

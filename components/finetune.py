@@ -55,6 +55,13 @@ from transformers import BertTokenizerFast
 from components import checkpoints, distributed
 from components.adversary import Adversary, balanced_accuracy
 from components.backbones import resolve_device
+from components.clicklog import (
+    ClickPairs,
+    click_pairs,
+    hot_queries,
+    leave_one_out_texts,
+    split_days,
+)
 from components.config import FinetuneConfig, ModelConfig, Params
 from components.errors import AceError, DataError
 from components.evaluator import EmbeddingRanker, RetrievalEvaluator, period_evaluators
@@ -73,14 +80,9 @@ from components.plots import plot_history
 from components.retrieval import (
     HOT_QUERIES_FILE,
     Catalogue,
-    ClickPairs,
-    click_pairs,
     embed_products,
     embed_queries,
     encode_texts,
-    hot_queries,
-    leave_one_out_texts,
-    split_days,
     trim,
 )
 from components.trainer import Schedule, Trainer, TrainingTask, log_step, to_device

@@ -27,11 +27,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components import tracking
+from components.clicklog import split_days
 from components.config import Params
 from components.errors import DataError
 from components.evaluate import METRICS_FILE
 from components.evaluator import EmbeddingRanker, RetrievalEvaluator
-from components.retrieval import split_days
 from components.serving import Retriever, log_retriever
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"

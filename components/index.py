@@ -22,16 +22,12 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from components.ann import build_index
 from components.atomic import publish_dir, readable_dir
-from components.config import IndexConfig, Params
-from components.errors import AceError, DataError
-from components.retrieval import (
-    PRODUCT_EMBEDDINGS,
-    PRODUCT_IDS,
-    embed_queries,
-    load_retriever,
-    split_days,
-)
+from components.clicklog import split_days
+from components.config import Params
+from components.errors import DataError
+from components.retrieval import PRODUCT_EMBEDDINGS, PRODUCT_IDS, embed_queries, load_retriever
 from components.retrieval_metrics import exact_top_k
 
 log = logging.getLogger(__name__)
@@ -42,37 +38,6 @@ MANIFEST = "manifest.json"
 HOT_FILE = "hot_cache.json"
 HOT_EMBEDDINGS = "hot_cache.npy"
 PRODUCT_VECTORS = "product_embeddings.npy"
-
-
-def build_index(vectors: np.ndarray, cfg: IndexConfig) -> faiss.Index:
-    """A trained, filled FAISS inner-product index of `cfg.type` over `vectors` (n, d)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    n, d = vectors.shape
-    metric = faiss.METRIC_INNER_PRODUCT
-    if cfg.type == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif cfg.type == "hnsw":
-        index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, metric)
-        index.hnsw.efConstruction = cfg.ef_construction
-        index.hnsw.efSearch = cfg.ef_search
-    else:
-        nlist = cfg.nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
-        quantizer = faiss.IndexFlatIP(d)
-        if cfg.type == "ivf":
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, metric)
-        else:
-            if d % cfg.pq_m:
-                raise AceError(f"index.pq_m {cfg.pq_m} does not divide the embedding size {d}")
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, cfg.pq_bits, metric)
-        index.train(vectors)
-        index.nprobe = min(cfg.nprobe, nlist)
-        if cfg.type == "ivfpq" and cfg.refine_factor:
-            # PQ codes alone cap recall@100 well below 0.95 (benchmarks/bench_index.py): keep
-            # the full vectors too and re-rank the best refine_factor x k candidates exactly.
-            index = faiss.IndexRefineFlat(index)
-            index.k_factor = cfg.refine_factor
-    index.add(vectors)
-    return index
 
 
 def hot_cache_queries(train_impressions: pd.DataFrame, share: float, max_queries: int) -> list[str]:

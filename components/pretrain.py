@@ -55,6 +55,7 @@ from transformers import BertConfig, BertTokenizerFast
 
 from components import checkpoints, distributed, pretrained
 from components.backbones import resolve_device
+from components.clicklog import split_days
 from components.config import ModelConfig, Params, PretrainConfig
 from components.errors import AceError, DataError
 from components.features import FeatureStore
@@ -66,7 +67,7 @@ from components.modeling import (
     mpm_kl,
 )
 from components.plots import plot_history
-from components.retrieval import encode_texts, split_days
+from components.retrieval import encode_texts
 from components.tokenizer import train_wordpiece
 from components.trainer import Schedule, Trainer, TrainingTask, log_step, to_device
 

@@ -1,11 +1,7 @@
 """What the two towers read, shared by fine-tuning, evaluation and serving.
 
-- The click log splits by day: the last `test_days` days are the test period (the paper's "next
-  days"), the `val_days` before them the validation period (early stopping and every tuning
-  choice); everything a model learns from (click pairs, hot queries) comes from the
-  `train_days` days before those (a sliding window, so a retrain follows the latest behaviour).
-- Hot queries (paper 3.2): for each product, the (at most) `k` queries with the most clicks on it
-  in the training days; ties go to the alphabetically first query, so the list is deterministic.
+The click log's split, hot queries and training pairs are components/clicklog.py's.
+
 - The product side reads `[CLS] title [SEP] hot query 1 [SEP] hot query 2 ... [SEP]` (the hot
   queries only for the variants that use them), cut at `max_product_text_len` tokens, then its
   image tokens; the query side `[CLS] query [SEP]`.
@@ -22,7 +18,8 @@ import torch
 from tqdm import tqdm
 from transformers import BertTokenizerFast
 
-from components.config import ModelConfig, SplitConfig
+from components.clicklog import product_text
+from components.config import ModelConfig
 from components.errors import DataError
 from components.features import FeatureStore
 from components.modeling import AceBertForRetrieval
@@ -31,49 +28,6 @@ HOT_QUERIES_FILE = "hot_queries.json"
 # The product tower's embeddings of the catalogue, written by evaluate, read by distill and index.
 PRODUCT_EMBEDDINGS = "product_embeddings.npy"
 PRODUCT_IDS = "product_ids.json"  # the embeddings' row order
-
-
-@dataclass(frozen=True)
-class Periods:
-    """The click log cut by day: training window, validation period, test period."""
-
-    train: pd.DataFrame
-    val: pd.DataFrame
-    test: pd.DataFrame
-
-
-def split_days(impressions: pd.DataFrame, split: SplitConfig) -> Periods:
-    """The last `test_days` days test, the `val_days` before them validate, the `train_days`
-    before those train (0: every earlier day)."""
-    days = impressions["day"]
-    first_test_day = int(days.max()) - split.test_days + 1
-    first_val_day = first_test_day - split.val_days
-    if first_val_day <= int(days.min()):
-        raise DataError(
-            f"the click log spans {days.nunique()} days: too few for {split.test_days} test "
-            f"days, {split.val_days} validation days and at least one training day"
-        )
-    first_train_day = first_val_day - split.train_days if split.train_days else int(days.min())
-    return Periods(
-        train=impressions[(days >= first_train_day) & (days < first_val_day)],
-        val=impressions[(days >= first_val_day) & (days < first_test_day)],
-        test=impressions[days >= first_test_day],
-    )
-
-
-def hot_queries(train_impressions: pd.DataFrame, k: int) -> dict[str, list[str]]:
-    """product_id -> its at most `k` most-clicked queries (training days only; see module doc)."""
-    clicked = train_impressions[train_impressions["clicked"] == 1]
-    counts = clicked.groupby(["product_id", "query"]).size().rename("clicks").reset_index()
-    counts = counts.sort_values(
-        ["product_id", "clicks", "query"], ascending=[True, False, True], kind="stable"
-    )
-    top = counts.groupby("product_id").head(k)
-    return {pid: list(group["query"]) for pid, group in top.groupby("product_id", sort=True)}
-
-
-def product_text(title: str, hot: list[str], sep: str) -> str:
-    return f" {sep} ".join([title, *hot])
 
 
 def encode_texts(tokenizer: BertTokenizerFast, texts: list[str], max_len: int) -> np.ndarray:
@@ -89,37 +43,6 @@ def trim(ids: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(1, int((ids != pad_id).sum(1).max()))
     ids = ids[:, :width]
     return torch.from_numpy(ids), torch.from_numpy((ids != pad_id).astype(np.int64))
-
-
-@dataclass(frozen=True)
-class ClickPairs:
-    """Distinct (query, product) training pairs: query index into `queries`, catalogue row."""
-
-    queries: list[str]
-    query: np.ndarray
-    product: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.query)
-
-    def keys(self, n_products: int) -> np.ndarray:
-        """One int64 per pair, sorted: what `also_positive` looks pairs up in."""
-        return np.sort(self.query.astype(np.int64) * n_products + self.product)
-
-
-def click_pairs(train_impressions: pd.DataFrame, index_of: dict[str, int]) -> ClickPairs:
-    clicked = train_impressions[train_impressions["clicked"] == 1]
-    clicked = clicked[clicked["product_id"].isin(index_of)]
-    pairs = clicked[["query", "product_id"]].drop_duplicates().sort_values(["query", "product_id"])
-    if pairs.empty:
-        raise DataError("no clicked (query, product) pair in the training days: nothing to learn")
-    queries = sorted(pairs["query"].unique())
-    query_index = {q: i for i, q in enumerate(queries)}
-    return ClickPairs(
-        queries=queries,
-        query=pairs["query"].map(query_index).to_numpy(np.int64),
-        product=pairs["product_id"].map(index_of).to_numpy(np.int64),
-    )
 
 
 @dataclass
@@ -248,20 +171,3 @@ def load_retriever(model_dir: Path) -> tuple[AceBertForRetrieval, BertTokenizerF
         raise DataError(f"{model_dir}: no fine-tuned model here (run the finetune stage first)")
     model = AceBertForRetrieval.from_pretrained(model_dir)
     return model.eval(), BertTokenizerFast.from_pretrained(model_dir)
-
-
-def leave_one_out_texts(
-    product_ids: list[str],
-    titles: list[str],
-    hot: dict[str, list[str]],
-    rows: np.ndarray,
-    queries: list[str],
-    sep: str,
-) -> list[str]:
-    """Product-side texts of training pairs (catalogue row, query): each product's title and hot
-    queries without the pair's own query (finetune.py's module doc says why)."""
-    texts = []
-    for row, query in zip(rows, queries, strict=True):
-        others = [h for h in hot.get(product_ids[row], []) if h != query]
-        texts.append(product_text(titles[row], others, sep))
-    return texts

@@ -7,6 +7,7 @@ reads and the paths it depends on and writes, so adding a stage is one entry her
 
 from __future__ import annotations
 
+import ast
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from components.config import Params
 from components.errors import AceError
 
 Metrics = dict[str, float]
+_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,37 @@ CHARTS = {
 }
 
 
+def code_files(modules: tuple[str, ...], root: Path = _ROOT) -> list[str]:
+    """The source files of these modules and of every `components` module they import, directly
+    or not (module- or function-level imports, read from the source, nothing executed): the
+    code whose change must re-run a stage, so dvc.yaml cannot miss one."""
+    seen: set[str] = set()
+    todo = list(modules)
+    while todo:
+        module = todo.pop()
+        path = root / (module.replace(".", "/") + ".py")
+        if module in seen or not path.is_file():
+            continue
+        seen.add(module)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                todo.append(node.module)  # from components.x import y
+                todo += [f"{node.module}.{alias.name}" for alias in node.names]  # a submodule
+    package = {m for m in seen if m.split(".")[0] == "components"}
+    files = {(m.replace(".", "/") + ".py") for m in package}
+    return sorted(f for f in files if not f.endswith("__init__.py"))
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     run: Callable[[Params], Metrics]
     params: tuple[str, ...]  # params.yaml sections (or single dotted keys) the stage reads
-    code: tuple[str, ...]  # source files whose change must re-run it
+    # The modules that do the stage's work; their import closure within `components` is the
+    # code whose change must re-run it (`code_files`).
+    modules: tuple[str, ...]
     deps: Callable[[Params], list[Path]]
     outs: Callable[[Params], list[Path]]
     description: str
@@ -188,7 +215,7 @@ STAGES: tuple[Stage, ...] = (
         name="validate",
         run=_validate,
         params=("validate",),
-        code=("components/validate.py", "components/contract.py"),
+        modules=("components.validate",),
         deps=lambda p: [p.paths.data_dir],
         outs=lambda p: [stage_dir(p, "validate")],
         description="Check products and impressions with Great Expectations; quarantine bad rows.",
@@ -197,7 +224,7 @@ STAGES: tuple[Stage, ...] = (
         name="features",
         run=_features,
         params=("features",),
-        code=("components/features.py", "components/roi.py", "components/backbones.py"),
+        modules=("components.features",),
         deps=lambda p: [stage_dir(p, "validate"), p.paths.data_dir],
         outs=lambda p: [stage_dir(p, "features")],
         description="RoI by edge detection, CNN patch features, pixel tokens: the image tokens.",
@@ -207,15 +234,7 @@ STAGES: tuple[Stage, ...] = (
         name="baselines",
         run=_baselines,
         params=("split", "baselines", "index", "evaluate.ks", "finetune.hot_queries"),
-        code=(
-            "components/baselines.py",
-            "components/evaluator.py",
-            "components/retrieval_metrics.py",
-            "components/bm25.py",
-            "components/index.py",
-            "components/pretrained.py",
-            "components/retrieval.py",
-        ),
+        modules=("components.baselines",),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features")],
         outs=lambda p: [stage_dir(p, "baselines")],
         description="BM25 and sentence-transformers baselines (zero-shot, fine-tuned), same rows.",
@@ -224,15 +243,7 @@ STAGES: tuple[Stage, ...] = (
         name="pretrain",
         run=_pretrain,
         params=("model", "split", "pretrain"),
-        code=(
-            "components/pretrain.py",
-            "components/modeling.py",
-            "components/tokenizer.py",
-            "components/checkpoints.py",
-            "components/trainer.py",
-            "components/distributed.py",
-            "components/pretrained.py",
-        ),
+        modules=("components.pretrain",),
         deps=lambda p: [stage_dir(p, "validate"), stage_dir(p, "features")],
         outs=lambda p: [stage_dir(p, "pretrain")],
         description="CE-BERT pre-training: MLM + masked patch KL + text-image prediction.",
@@ -243,17 +254,7 @@ STAGES: tuple[Stage, ...] = (
         name="finetune",
         run=_finetune,
         params=("model", "split", "finetune"),
-        code=(
-            "components/finetune.py",
-            "components/retrieval.py",
-            "components/modeling.py",
-            "components/checkpoints.py",
-            "components/adversary.py",
-            "components/keywords.py",
-            "components/trainer.py",
-            "components/distributed.py",
-            "components/evaluator.py",
-        ),
+        modules=("components.finetune",),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "pretrain")],
         outs=lambda p: [stage_dir(p, "finetune")],
         description="ACE-BERT fine-tuning: two towers, in-batch softmax, mixed negatives.",
@@ -264,14 +265,7 @@ STAGES: tuple[Stage, ...] = (
         name="evaluate",
         run=_evaluate,
         params=("model", "split", "finetune", "evaluate", "index"),
-        code=(
-            "components/evaluate.py",
-            "components/evaluator.py",
-            "components/baselines.py",
-            "components/index.py",
-            "components/retrieval_metrics.py",
-            "components/retrieval.py",
-        ),
+        modules=("components.evaluate",),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune", "baselines")],
         outs=lambda p: [stage_dir(p, "evaluate")],
         description="GAUC, Recall@K (ANN and exact), MRR, nDCG@10, slices; beside the baselines.",
@@ -281,13 +275,7 @@ STAGES: tuple[Stage, ...] = (
         name="distill",
         run=_distill,
         params=("model", "split", "finetune", "evaluate", "distill", "index"),
-        code=(
-            "components/distill.py",
-            "components/retrieval.py",
-            "components/modeling.py",
-            "components/index.py",
-            "components/evaluator.py",
-        ),
+        modules=("components.distill",),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune", "evaluate")],
         outs=lambda p: [stage_dir(p, "distill")],
         description="A shallower query tower distilled from the fine-tuned one (paper 4.7).",
@@ -296,7 +284,7 @@ STAGES: tuple[Stage, ...] = (
         name="index",
         run=_index,
         params=("split", "finetune", "evaluate", "index"),
-        code=("components/index.py", "components/retrieval.py"),
+        modules=("components.index",),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune", "evaluate")],
         outs=lambda p: [stage_dir(p, "index")],
         description="FAISS product index and the hot-query cache, swapped in atomically.",
@@ -305,7 +293,7 @@ STAGES: tuple[Stage, ...] = (
         name="gate",
         run=_gate,
         params=("split", "finetune", "gate", "tracking", "serving"),
-        code=("components/gate.py", "components/serving.py", "components/served_model.py"),
+        modules=("components.gate", "components.served_model"),  # logged from its code
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "evaluate", "distill", "index")],
         outs=lambda p: [stage_dir(p, "gate")],
         description="Register the served retriever; promote it to champion only if it passes.",
@@ -359,7 +347,7 @@ def render_dvc_yaml(params: Params) -> str:
         ]
         entry = {
             "cmd": f"ace stage run {stage.name}",
-            "deps": [*stage.code, *(str(path) for path in stage.deps(params))],
+            "deps": [*code_files(stage.modules), *(str(path) for path in stage.deps(params))],
             # A profile may set any section: every stage re-runs when it changes.
             "params": [*stage.params, "profile", "profiles"],
             "outs": outs,

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from components.ann import build_index
 from components.bm25 import Bm25Ranker
 from components.config import IndexConfig
 from components.evaluator import EmbeddingRanker, RetrievalEvaluator, click_slices, rows_digest
-from components.index import build_index
 from components.retrieval_metrics import exact_top_k, gauc, ranking_metrics, relevant_sets
 
 DIM = 8

@@ -13,6 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from components import finetune as ft
+from components.clicklog import hot_queries, leave_one_out_texts, split_days
 from components.config import FeaturesConfig, Params, SplitConfig, load_params
 from components.distill import distill, kept_layers, make_student
 from components.errors import DataError
@@ -34,7 +35,7 @@ from components.modeling import (
     semantic_matching_loss,
 )
 from components.pretrain import pretrain
-from components.retrieval import hot_queries, leave_one_out_texts, load_retriever, split_days
+from components.retrieval import load_retriever
 from components.trainer import Trainer
 from tests.conftest import ROOT, TINY_OVERRIDES
 

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components import tracking
+from components.clicklog import split_days
 from components.config import FeaturesConfig, Params, ServingLimits, load_params
 from components.distill import distill
 from components.evaluate import evaluate_retriever
@@ -28,7 +29,6 @@ from components.finetune import finetune
 from components.gate import CHALLENGER, CHAMPION, PREVIOUS, check, evaluate_served, gate
 from components.index import build as build_index
 from components.pretrain import pretrain
-from components.retrieval import split_days
 from components.serving import UNKNOWN_WORDS, Retriever, validate_request
 from tests.conftest import ROOT, TINY_OVERRIDES
 

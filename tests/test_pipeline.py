@@ -39,9 +39,28 @@ def test_every_stage_reads_existing_sections_and_code(repo_params: Params):
             for key in name.split("."):
                 assert key in node, f"{stage.name}: {name}"
                 node = node[key]
-        for source in stage.code:
-            assert (ROOT / source).is_file(), f"{stage.name}: {source}"
+        for module in stage.modules:
+            assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{stage.name}: {module}"
     assert STAGES[0].name == "validate"
+
+
+def test_stage_code_is_the_import_closure_of_its_modules(tmp_path: Path):
+    from components.stages import code_files
+
+    finetune = code_files(("components.finetune",))
+    # Direct, indirect (finetune -> evaluator -> retrieval_metrics) and the config everything reads.
+    for source in ("finetune", "adversary", "evaluator", "retrieval_metrics", "config", "errors"):
+        assert f"components/{source}.py" in finetune, source
+    assert "components/validate.py" not in finetune and "components/stages.py" not in finetune
+    # A module imported only inside a function counts too; one outside `components` does not.
+    package = tmp_path / "components"
+    package.mkdir()
+    (package / "a.py").write_text("import numpy\n\ndef f():\n    from components import b\n")
+    (package / "b.py").write_text("from components.c import x\n")
+    (package / "c.py").write_text("x = 1\n")
+    (package / "d.py").write_text("")
+    found = code_files(("components.a",), root=tmp_path)
+    assert found == ["components/a.py", "components/b.py", "components/c.py"]
 
 
 def test_bad_params_name_the_file_and_field(tmp_path: Path):

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from components import pretrain as pt
+from components.clicklog import split_days
 from components.config import FeaturesConfig, Params, SplitConfig, load_params
 from components.features import FeatureStore, build_features
 from components.modeling import CeBertModel
@@ -25,7 +26,7 @@ from components.pretrain import (
     split_products,
     training_texts,
 )
-from components.retrieval import encode_texts, split_days
+from components.retrieval import encode_texts
 from components.tokenizer import SPECIAL_TOKENS, train_wordpiece
 from tests.conftest import ROOT
 
