@@ -7,7 +7,7 @@ export PATH := $(BIN):$(PATH)
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: install demo test lint format dvc-yaml
+.PHONY: install demo test test-fast lint format dvc-yaml
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ lint: install
 
 test: lint
 	pytest
+
+# The inner loop: everything but the tests marked slow (end-to-end runs of stages and servers).
+test-fast: install
+	pytest -m "not slow"
 
 format: install
 	ruff check --fix .
