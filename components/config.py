@@ -354,6 +354,8 @@ class GateConfig(_Section):
     min_gauc: float = Field(default=0.6, ge=0, le=1)  # absolute floors on the test days
     min_recall_at_100: float = Field(default=0.3, ge=0, le=1)
     tolerance: float = Field(default=0.01, ge=0)  # allowed drop below the champion's figures
+    # The distilled student's Recall@100 over its teacher's (distill) must reach this.
+    min_student_fidelity: float = Field(default=0.95, ge=0)
 
 
 DriftKind = Literal["season", "new_category", "query_mix", "clicks"]
@@ -402,6 +404,15 @@ class RetrainConfig(_Section):
     task_retries: int = Field(
         default=2, ge=0
     )  # transient failures; training resumes from checkpoints
+    retry_delay_seconds: int = Field(default=30, ge=0)
+
+
+class RefreshConfig(_Section):
+    """The scheduled deployment `ace/refresh`: new products into the champion's index daily."""
+
+    cron: str = "0 2 * * *"  # daily, 02:00
+    timezone: str = "UTC"
+    task_retries: int = Field(default=2, ge=0)
     retry_delay_seconds: int = Field(default=30, ge=0)
 
 
@@ -480,6 +491,7 @@ class Params(_Section):
     append: AppendConfig = AppendConfig()
     monitor: MonitorConfig = MonitorConfig()
     retrain: RetrainConfig = RetrainConfig()
+    refresh: RefreshConfig = RefreshConfig()
     tracking: TrackingConfig = TrackingConfig()
     serving: ServingConfig = ServingConfig()
     import_: ImportConfig = Field(default=ImportConfig(), alias="import")

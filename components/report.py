@@ -165,7 +165,12 @@ def registry_lines(params: Params) -> list[str]:
         version, passed = int(gate["version"]), bool(gate["passed"])
         verdict = "passed: promoted to champion" if passed else "failed: not promoted"
         line = f"Gate: version {version} {verdict} ({_gated(gate, 'candidate_')})"
-        if "champion_gauc" in gate:
+        if not gate.get("registered", 1):
+            line = (
+                f"Gate: the candidate is identical to champion version {version} "
+                "(weights, index, settings, test rows): not registered again"
+            )
+        elif "champion_gauc" in gate:
             line += f" against the champion it challenged ({_gated(gate, 'champion_')})"
         if not passed:
             try:

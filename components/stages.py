@@ -292,11 +292,11 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="gate",
         run=_gate,
-        params=("split", "finetune", "gate", "tracking", "serving"),
+        params=("model", "split", "finetune", "gate", "tracking", "serving"),
         modules=("components.gate", "components.served_model"),  # logged from its code
-        deps=lambda p: [stage_dir(p, n) for n in ("validate", "evaluate", "distill", "index")],
+        deps=lambda p: [stage_dir(p, n) for n in ("validate", "finetune", "distill", "index")],
         outs=lambda p: [stage_dir(p, "gate")],
-        description="Register the served retriever; promote it to champion only if it passes.",
+        description="Judge the served bundle like for like; promote it only if it passes.",
     ),
 )
 

@@ -77,10 +77,13 @@ def retrain(
         results |= run_stages(params, rest, parent_id, cfg.task_retries, cfg.retry_delay_seconds)
         version = str(int(results["gate"]["version"]))
         mark_attempt(params, version, key)
+        publish_report(params)
+        if not results["gate"]["registered"]:
+            outcome = f"the retrained model is identical to champion v{version}: nothing registered"
+            return _finish(results, "identical", outcome, logger)
         passed = bool(results["gate"]["passed"])
         outcome = f"version {version} {'promoted to champion' if passed else 'refused by the gate'}"
         mlflow.set_tags({"model_version": version, "gate": "passed" if passed else "failed"})
-        publish_report(params)
         return _finish(results, "promoted" if passed else "refused", outcome, logger)
 
 

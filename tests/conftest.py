@@ -94,3 +94,70 @@ def tiny_world(tiny_params: Params) -> Path:
 
     generate_world(tiny_params.synth, tiny_params.paths.data_dir, progress=False)
     return tiny_params.paths.data_dir
+
+
+def trained_overrides(artifacts: Path, data_dir: Path, **overrides: object) -> dict[str, object]:
+    """Tiny overrides for a trained pipeline in `artifacts`: CPU, and a gate with no floors."""
+    return {
+        **TINY_OVERRIDES,
+        "paths.data_dir": str(data_dir),
+        "paths.artifacts_dir": str(artifacts),
+        "model.variant": "cebert",
+        "pretrain.num_layers": 2,
+        "pretrain.device": "cpu",
+        "finetune.device": "cpu",
+        "evaluate.device": "cpu",
+        "distill.device": "cpu",
+        "gate.min_gauc": 0.0,
+        "gate.min_recall_at_100": 0.0,
+        "gate.min_student_fidelity": 0.0,
+        **overrides,
+    }
+
+
+def trained_params(artifacts: Path, data_dir: Path, **overrides: object) -> Params:
+    return load_params(ROOT / "params.yaml", trained_overrides(artifacts, data_dir, **overrides))
+
+
+# The image features of the trained world (tiny, CPU); incremental builds must use the same.
+TRAINED_FEATURES = {
+    "features.patch_input": 32,
+    "features.variants": ["roi"],
+    "features.samples_logged": 0,
+    "features.device": "cpu",
+}
+
+
+@pytest.fixture(scope="session")
+def trained_world(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """validate -> features -> pretrain -> finetune -> evaluate -> distill -> index on the tiny
+    world's first 100 products, once per session: the artifacts of the gate, refresh and
+    search tests (which must not change them: copy first)."""
+    import pandas as pd
+    import torch
+
+    from components.distill import distill
+    from components.evaluate import evaluate_retriever
+    from components.features import build_features
+    from components.finetune import finetune
+    from components.index import build as build_index
+    from components.pretrain import pretrain
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    artifacts = tmp_path_factory.mktemp("trained_artifacts")
+    products = pd.read_parquet(tiny_world / "products.parquet").head(100)
+    impressions = pd.read_parquet(tiny_world / "impressions.parquet")
+    impressions = impressions[impressions.product_id.isin(products.product_id)]
+    (artifacts / "validate").mkdir()
+    products.to_parquet(artifacts / "validate" / "products.parquet", index=False)
+    impressions.to_parquet(artifacts / "validate" / "impressions.parquet", index=False)
+    params = trained_params(artifacts, tiny_world, **TRAINED_FEATURES)
+    build_features(products, tiny_world, artifacts / "features", params.features, progress=False)
+    pretrain(params, artifacts / "pretrain", progress=False)
+    finetune(params, artifacts / "finetune", progress=False)
+    evaluate_retriever(params, artifacts / "evaluate", progress=False)
+    distill(params, artifacts / "distill", progress=False)
+    build_index(params, artifacts / "index", progress=False)
+    torch.set_num_threads(threads)
+    return artifacts

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -21,16 +22,18 @@ from mlflow.tracking import MlflowClient
 
 from components import tracking
 from components.clicklog import split_days
-from components.config import FeaturesConfig, Params, ServingLimits, load_params
-from components.distill import distill
-from components.evaluate import evaluate_retriever
-from components.features import build_features
-from components.finetune import finetune
-from components.gate import CHALLENGER, CHAMPION, PREVIOUS, check, evaluate_served, gate
-from components.index import build as build_index
-from components.pretrain import pretrain
+from components.config import Params, ServingLimits
+from components.gate import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    check,
+    evaluate_served,
+    gate,
+    hash_test_rows,
+)
 from components.serving import UNKNOWN_WORDS, Retriever, validate_request
-from tests.conftest import ROOT, TINY_OVERRIDES
+from tests.conftest import ROOT, trained_params
 
 BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
 if not (BIN / "mlflow").exists():
@@ -43,44 +46,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(artifacts: Path, tiny_world: Path, **overrides: object) -> Params:
-    return load_params(
-        ROOT / "params.yaml",
-        {
-            **TINY_OVERRIDES,
-            "paths.data_dir": str(tiny_world),
-            "paths.artifacts_dir": str(artifacts),
-            "model.variant": "cebert",
-            "pretrain.num_layers": 2,
-            "pretrain.device": "cpu",
-            "finetune.device": "cpu",
-            "evaluate.device": "cpu",
-            "distill.device": "cpu",
-            "gate.min_gauc": 0.0,
-            "gate.min_recall_at_100": 0.0,
-            **overrides,
-        },
-    )
+    return trained_params(artifacts, tiny_world, **overrides)
 
 
 @pytest.fixture(scope="module")
-def world(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """validate -> features -> pretrain -> finetune -> evaluate -> distill -> index, tiny."""
-    artifacts = tmp_path_factory.mktemp("gate_artifacts")
-    products = pd.read_parquet(tiny_world / "products.parquet").head(100)
-    impressions = pd.read_parquet(tiny_world / "impressions.parquet")
-    impressions = impressions[impressions.product_id.isin(products.product_id)]
-    (artifacts / "validate").mkdir()
-    products.to_parquet(artifacts / "validate" / "products.parquet", index=False)
-    impressions.to_parquet(artifacts / "validate" / "impressions.parquet", index=False)
-    cfg = FeaturesConfig(patch_input=32, variants=("roi",), samples_logged=0, device="cpu")
-    build_features(products, tiny_world, artifacts / "features", cfg, progress=False)
-    params = _params(artifacts, tiny_world)
-    pretrain(params, artifacts / "pretrain", progress=False)
-    finetune(params, artifacts / "finetune", progress=False)
-    evaluate_retriever(params, artifacts / "evaluate", progress=False)
-    distill(params, artifacts / "distill", progress=False)
-    build_index(params, artifacts / "index", progress=False)
-    return artifacts
+def world(trained_world: Path) -> Path:
+    return trained_world
 
 
 def test_checks_name_what_failed():
@@ -91,6 +62,8 @@ def test_checks_name_what_failed():
     champion = {"gauc": 0.805, "recall_at_100": 0.6}
     assert check(good, champion, floors, 0.01) == ["regression:recall_at_100"]
     assert check(good, champion, floors, 0.2) == []
+    assert check(good, None, floors, 0.01, fidelity=0.94, min_fidelity=0.95) == ["fidelity:student"]
+    assert check(good, None, floors, 0.01, fidelity=0.96, min_fidelity=0.95) == []
 
 
 def _run_gate(params: Params) -> dict:
@@ -98,6 +71,16 @@ def _run_gate(params: Params) -> dict:
     with mlflow.start_run():
         gate(params, params.paths.artifacts_dir / "gate")
     return json.loads((params.paths.artifacts_dir / "gate" / "decision.json").read_text())
+
+
+def _other_bundle(max_k: int) -> dict[str, object]:
+    """Overrides that make a candidate with the same model but other serving settings: another
+    bundle (so not skipped as identical) with the same figures."""
+    return {"serving.limits.max_k": max_k}
+
+
+def _versions(name: str = "ace") -> int:
+    return len(MlflowClient().search_model_versions(f"name='{name}'"))
 
 
 def test_gate_promotes_the_first_and_better_models_and_never_a_failing_one(
@@ -108,31 +91,105 @@ def test_gate_promotes_the_first_and_better_models_and_never_a_failing_one(
     first = _run_gate(_params(world, tiny_world))
     assert first["passed"] and first["champion_version"] is None  # first-ever model
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == first["version"]
+    tags = client.get_model_version(name, first["version"]).tags
+    # Judged as served (student + cache + index), so the figures are the served path's own.
+    served = evaluate_served(
+        Retriever(world / "distill" / "student", world / "index", 12),
+        split_days(
+            pd.read_parquet(world / "validate" / "impressions.parquet"),
+            _params(world, tiny_world).split,
+        ).test,
+    )
+    assert float(tags["gauc"]) == pytest.approx(served["gauc"], abs=1e-9)
+    assert float(tags["recall_at_100"]) == pytest.approx(served["recall_at_100"], abs=1e-9)
 
-    second = _run_gate(_params(world, tiny_world))  # same figures, same data: no regression
+    # The same weights, index, settings and test rows: nothing registered, nothing moved.
+    same = _run_gate(_params(world, tiny_world))
+    assert same["identical_to_champion"] and same["version"] == first["version"]
+    assert _versions() == 1
+
+    second = _run_gate(_params(world, tiny_world, **_other_bundle(999)))  # same test rows
     assert second["passed"] and second["champion_version"] == first["version"]
     assert not second["champion_reevaluated"]
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == second["version"]
     assert str(client.get_model_version_by_alias(name, PREVIOUS).version) == first["version"]
 
-    failing = _run_gate(_params(world, tiny_world, **{"gate.min_gauc": 1.0}))
+    failing = _run_gate(_params(world, tiny_world, **{"gate.min_gauc": 1.0, **_other_bundle(998)}))
     assert not failing["passed"] and failing["failed_checks"] == ["floor:gauc"]
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == second["version"]
     assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == failing["version"]
     version = client.get_model_version(name, failing["version"])
     assert version.tags["gate"] == "failed" and version.tags["failed_checks"] == "floor:gauc"
 
-    # A champion better than the candidate on the same data: a regression, not promoted.
+    unfaithful = _run_gate(
+        _params(world, tiny_world, **{"gate.min_student_fidelity": 5.0, **_other_bundle(997)})
+    )
+    assert unfaithful["failed_checks"] == ["fidelity:student"]
+
+    # A champion better than the candidate on the same test rows: a regression, not promoted.
     client.set_model_version_tag(name, second["version"], "gauc", "0.999")
-    regressed = _run_gate(_params(world, tiny_world))
+    regressed = _run_gate(_params(world, tiny_world, **_other_bundle(996)))
     assert regressed["failed_checks"] == ["regression:gauc"]
+    assert not regressed["champion_reevaluated"]
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == second["version"]
 
-    # A champion from another data version is re-evaluated on this test data, as it serves.
-    client.set_model_version_tag(name, second["version"], "data_version", "older-world")
-    again = _run_gate(_params(world, tiny_world))
-    assert again["champion_reevaluated"]
-    assert 0 <= again["champion"]["recall_at_100"] <= 1 and 0 <= again["champion"]["gauc"] <= 1
+
+def _scrambled_copy(world: Path, into: Path) -> Path:
+    """The world's artifacts with the index's product ids shuffled: a candidate whose served
+    path is near chance."""
+    shutil.copytree(world, into, ignore=shutil.ignore_patterns("gate"))
+    ids_file = into / "index" / "product_ids.json"
+    ids = json.loads(ids_file.read_text())
+    ids_file.write_text(json.dumps(ids[7:] + ids[:7]))
+    return into
+
+
+def test_a_champion_from_another_test_period_is_judged_again_on_these_rows(
+    world: Path, tiny_world: Path, tmp_path: Path
+):
+    """Stale figures would let a worse candidate through; fresh ones, on these rows, do not."""
+    client = MlflowClient()
+    champion = _run_gate(_params(world, tiny_world))
+    # What the registry would say of a champion judged on another period, with weaker figures.
+    for key, value in {
+        "test_rows_hash": "another-period",
+        "gauc": 0.0,
+        "recall_at_100": 0.0,
+    }.items():
+        client.set_model_version_tag("ace", champion["version"], key, str(value))
+    worse = _scrambled_copy(world, tmp_path / "worse")
+    decision = _run_gate(_params(worse, tiny_world))
+    assert decision["champion_reevaluated"]
+    stale = {"gauc": 0.0, "recall_at_100": 0.0}
+    floors = {"gauc": 0.0, "recall_at_100": 0.0}
+    assert check(decision["candidate"], stale, floors, 0.01) == []  # it would pass on stale ones
+    # (Recall@100 over 100 products is 1 for any ranking: GAUC tells them apart.)
+    assert not decision["passed"] and "regression:gauc" in decision["failed_checks"]
+    assert str(client.get_model_version_by_alias("ace", CHAMPION).version) == champion["version"]
+
+
+def test_same_rows_anywhere_are_the_same_and_other_rows_are_not(
+    world: Path, tiny_world: Path, tmp_path: Path
+):
+    """Untracked data outside ./data: sameness comes from the test rows, not from data.dvc."""
+    first = _run_gate(_params(world, tiny_world))
+    elsewhere = tmp_path / "elsewhere" / "artifacts"
+    shutil.copytree(world, elsewhere, ignore=shutil.ignore_patterns("gate"))
+    impressions = pd.read_parquet(elsewhere / "validate" / "impressions.parquet")
+    shuffled = impressions.sample(frac=1.0, random_state=0)  # same rows, another order
+    shuffled.to_parquet(elsewhere / "validate" / "impressions.parquet", index=False)
+    moved = _run_gate(_params(elsewhere, tmp_path / "no-data", **_other_bundle(999)))
+    assert moved["champion_version"] == first["version"] and not moved["champion_reevaluated"]
+
+    test = split_days(impressions, _params(world, tiny_world).split).test
+    fewer = impressions.drop(index=test[test["search_id"] == test["search_id"].iloc[0]].index)
+    fewer.to_parquet(elsewhere / "validate" / "impressions.parquet", index=False)
+    changed = _run_gate(_params(elsewhere, tmp_path / "no-data", **_other_bundle(998)))
+    assert changed["champion_reevaluated"]
+    assert hash_test_rows(test) != hash_test_rows(
+        split_days(fewer, _params(world, tiny_world).split).test
+    )
+    assert hash_test_rows(test) == hash_test_rows(test.sample(frac=1.0, random_state=1))
 
 
 def test_a_served_model_is_charged_for_clicks_on_products_its_index_lacks(
