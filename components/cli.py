@@ -31,6 +31,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(stage_app, name="stage")
 app.add_typer(pipeline_app, name="pipeline")
 features_app = typer.Typer(help="Inspect the image features.", no_args_is_help=True)
+index_app = typer.Typer(help="The champion's product index.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
 app.add_typer(flows_app, name="flows")
 app.add_typer(features_app, name="features")
 
@@ -282,6 +284,20 @@ def pipeline_retrain(
     typer.echo(f"{result['decision']}: {result['outcome']}")
 
 
+@index_app.command("refresh")
+def index_refresh(
+    params_file: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Add the products new since the champion to its index (the flow behind `ace/refresh`)."""
+    from flows.refresh import refresh_index
+
+    result = _in_process(
+        lambda: refresh_index(params_file=str(params_file), overrides=_parse_overrides(set_))
+    )
+    typer.echo(result["outcome"])
+
+
 @app.command("monitor")
 def monitor_command(
     params_file: ParamsOption = PARAMS_FILE,
@@ -351,7 +367,7 @@ def features_show(
 
 @flows_app.command("serve")
 def flows_serve() -> None:
-    """Serve the deployments `ace/full` and `ace/retrain` (scheduled) to a Prefect server."""
+    """Serve the deployments `ace/full`, `ace/retrain` (weekly) and `ace/refresh` (daily)."""
     from flows.serve import serve_deployments
 
     serve_deployments()

@@ -124,6 +124,39 @@ def build(params: Params, out_dir: Path, progress: bool = True) -> dict[str, flo
     }
 
 
+def extend(
+    index_dir: Path, new_ids: list[str], new_vectors: np.ndarray, out_dir: Path
+) -> dict[str, float]:
+    """The index in `index_dir` with these products added, published whole to `out_dir`.
+
+    Nothing is re-trained: an HNSW graph and a flat index take the vectors as they come, an IVF
+    index files them under the centroids of its full build (its lists grow unevenly with many
+    additions; the weekly retrain rebuilds it). The hot-query cache is kept as it is."""
+    start = time.perf_counter()
+    index, product_ids, manifest, hot, hot_emb = load(index_dir)
+    vectors = np.load(readable_dir(index_dir) / PRODUCT_VECTORS)
+    overlap = set(product_ids) & set(new_ids)
+    if overlap:
+        raise DataError(f"{index_dir}: already indexes {len(overlap)} of the products to add")
+    added = np.ascontiguousarray(new_vectors, dtype=np.float32)
+    index.add(added)
+    manifest = {
+        **manifest,
+        "n_products": len(product_ids) + len(new_ids),
+        "added_products": manifest.get("added_products", 0) + len(new_ids),
+    }
+    _write_atomically(
+        Path(out_dir),
+        index,
+        [*product_ids, *new_ids],
+        manifest,
+        hot,
+        hot_emb,
+        np.concatenate([vectors, added]),
+    )
+    return {"products_added": float(len(new_ids)), "seconds": time.perf_counter() - start}
+
+
 def _share(searches: pd.DataFrame, hot: list[str]) -> float:
     return float(searches["query"].isin(set(hot)).mean()) if len(searches) else 0.0
 

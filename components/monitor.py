@@ -45,7 +45,7 @@ from components.config import ModelConfig, Params
 from components.errors import AceError, DataError
 from components.features import FeatureStore
 from components.gate import CHAMPION, LAST_DAY, TRAIN_FIRST_DAY, TRAIN_LAST_DAY, evaluate_served
-from components.retrieval import HOT_QUERIES_FILE, Catalogue, embed_products, load_retriever
+from components.retrieval import embed_with_tower
 from components.serving import PRODUCT_TOWER_ARTIFACT
 
 SUMMARY = "drift.json"
@@ -300,29 +300,26 @@ def _embed_products(
     params: Params, variant: ModelConfig, tower_dir: str, clicks: dict[str, pd.DataFrame]
 ) -> dict[str, np.ndarray]:
     """The clicked products under the champion's product tower, new products included."""
-    model, tokenizer = load_retriever(Path(tower_dir))
-    hot = json.loads((Path(tower_dir) / HOT_QUERIES_FILE).read_text(encoding="utf-8"))
     artifacts = params.paths.artifacts_dir
     products = pd.read_parquet(artifacts / "validate" / "products.parquet")
     wanted = set(clicks["reference"]["product_id"]) | set(clicks["current"]["product_id"])
-    catalogue = Catalogue.build(
+    embedded = embed_with_tower(
+        Path(tower_dir),
         products[products["product_id"].isin(wanted)],
         FeatureStore(artifacts / "features"),
         variant,
-        tokenizer,
-        hot,
         params.finetune.max_product_text_len,
+        params.evaluate.batch_size,
+        torch.device("cpu"),
+        progress=False,
     )
-    missing = wanted - set(catalogue.product_ids)
+    missing = wanted - set(embedded)
     if missing:
         raise DataError(
             f"{artifacts / 'features'}: no image features for {len(missing)} clicked products "
             f"(e.g. {sorted(missing)[0]}): run the features stage on the new data first"
         )
-    vectors = embed_products(
-        model, catalogue, params.evaluate.batch_size, torch.device("cpu"), progress=False
-    )
-    return dict(zip(catalogue.product_ids, vectors, strict=True))
+    return embedded
 
 
 def _write(summary: DriftSummary, out_dir: Path, seconds: float = 0.0) -> None:

@@ -9,6 +9,7 @@ The click log's split, hot queries and training pairs are components/clicklog.py
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,27 @@ def product_modality_weights(
         batch = {k: v.to(device) for k, v in catalogue.inputs(rows).items()}
         out.append(model.modality_weights(**batch).float().cpu().numpy())
     return np.concatenate(out)
+
+
+def embed_with_tower(
+    tower_dir: Path,
+    products: pd.DataFrame,
+    store: FeatureStore,
+    model_cfg: ModelConfig,
+    max_text_len: int,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """These products under a saved product tower (a served bundle's), with the hot queries it
+    was trained with: product_id -> embedding. Products without image features in `store` are
+    left out; the caller says what that means."""
+    model, tokenizer = load_retriever(Path(tower_dir))
+    model.to(device)
+    hot = json.loads((Path(tower_dir) / HOT_QUERIES_FILE).read_text(encoding="utf-8"))
+    catalogue = Catalogue.build(products, store, model_cfg, tokenizer, hot, max_text_len)
+    vectors = embed_products(model, catalogue, batch_size, device, progress=progress)
+    return dict(zip(catalogue.product_ids, vectors, strict=True))
 
 
 @torch.no_grad()

@@ -8,12 +8,15 @@ from prefect.schedules import Cron
 
 from components.config import PARAMS_FILE, load_params
 from flows.ace import ace
+from flows.refresh import refresh_index
 from flows.retrain import retrain
 
 
 def deployments(params_file: str = str(PARAMS_FILE)) -> list[RunnerDeployment]:
-    """`ace/full` (on demand) and `ace/retrain` (on the cron schedule in params `retrain`)."""
-    schedule = load_params(params_file).retrain
+    """`ace/full` (on demand), `ace/retrain` (weekly: the cron in params `retrain`) and
+    `ace/refresh` (daily: params `refresh`)."""
+    params = load_params(params_file)
+    schedule = params.retrain
     full = ace.to_deployment(
         name="full",
         description="Every stage from validate onwards on the data in data/.",
@@ -26,7 +29,14 @@ def deployments(params_file: str = str(PARAMS_FILE)) -> list[RunnerDeployment]:
         schedule=Cron(schedule.cron, timezone=schedule.timezone),
         concurrency_limit=1,  # two retrains at once would race for the same artifacts
     )
-    return [full, scheduled]
+    daily = refresh_index.to_deployment(
+        name="refresh",
+        description="Add the products new since the champion to its index; through the gate.",
+        tags=["ace"],
+        schedule=Cron(params.refresh.cron, timezone=params.refresh.timezone),
+        concurrency_limit=1,
+    )
+    return [full, scheduled, daily]
 
 
 def serve_deployments() -> None:

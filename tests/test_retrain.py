@@ -96,6 +96,7 @@ def _overrides(base: Path, **extra: object) -> dict[str, object]:
         "paths.artifacts_dir": str(base / "artifacts"),
         "gate.min_gauc": 0.0,
         "gate.min_recall_at_100": 0.0,
+        "gate.min_student_fidelity": 0.0,
         "retrain.task_retries": 0,
         # The tiny champion is near chance (Recall@100 ~0.3 with 25% of the catalogue in the top
         # 100): its Recall@100 moves by ~0.05 between two same-distribution days (measured), so
@@ -185,27 +186,34 @@ def test_retrain_deployment_runs_on_the_schedule_in_params():
     from flows.serve import deployments
 
     offered = {d.name: d for d in deployments(str(ROOT / "params.yaml"))}
-    assert set(offered) == {"full", "retrain"} and offered["retrain"].flow_name == "ace"
-    cfg = load_params(ROOT / "params.yaml").retrain
-    schedules = offered["retrain"].schedules
-    assert len(schedules) == 1 and schedules[0].schedule.cron == cfg.cron
-    assert offered["retrain"].concurrency_limit == 1
+    assert set(offered) == {"full", "retrain", "refresh"}
+    assert {d.flow_name for d in offered.values()} == {"ace"}
+    params = load_params(ROOT / "params.yaml")
+    for name, cfg in (("retrain", params.retrain), ("refresh", params.refresh)):
+        schedules = offered[name].schedules
+        assert len(schedules) == 1 and schedules[0].schedule.cron == cfg.cron
+        assert offered[name].concurrency_limit == 1
     assert not offered["full"].schedules
 
-    async def schedule() -> list:
-        deployment_id = await offered["retrain"].apply()
+    async def schedule(name: str) -> list:
+        deployment_id = await offered[name].apply()
         db = provide_database_interface()
         async with db.session_context(begin_transaction=True) as session:
             await models.deployments.schedule_runs(session, deployment_id=deployment_id)
         async with get_client() as client:
-            return await client.read_flow_runs()
+            runs = await client.read_flow_runs()
+        return [r for r in runs if r.deployment_id == deployment_id]
 
     with prefect_test_harness():
-        runs = asyncio.run(schedule())
-    assert runs and {r.state_name for r in runs} == {"Scheduled"}
-    starts = sorted(r.expected_start_time for r in runs)
+        weekly, daily = asyncio.run(schedule("retrain")), asyncio.run(schedule("refresh"))
+    for runs in (weekly, daily):
+        assert runs and {r.state_name for r in runs} == {"Scheduled"}
+    starts = sorted(r.expected_start_time for r in weekly)
     assert all(t.weekday() == 0 and (t.hour, t.minute) == (3, 0) for t in starts)  # Mon 03:00
     assert all((b - a).days == 7 for a, b in itertools.pairwise(starts))
+    starts = sorted(r.expected_start_time for r in daily)
+    assert all((t.hour, t.minute) == (2, 0) for t in starts)  # every day at 02:00
+    assert all((b - a).days == 1 for a, b in itertools.pairwise(starts))
 
 
 def test_cli_appends_days_and_monitor_needs_a_champion(world: Path, tmp_path: Path):
