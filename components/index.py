@@ -112,7 +112,7 @@ def build(params: Params, out_dir: Path, progress: bool = True) -> dict[str, flo
         "hot_queries": len(hot),
         "embeddings": str(embeddings_file),
     }
-    _write_atomically(Path(out_dir), index, product_ids, manifest, hot, hot_emb, vectors)
+    publish_index(Path(out_dir), index, product_ids, manifest, hot, hot_emb, vectors)
     return {
         "n_products": float(len(product_ids)),
         f"ann_recall_at_{k}_vs_exact": float(np.mean(overlap)) if overlap else 0.0,
@@ -145,7 +145,7 @@ def extend(
         "n_products": len(product_ids) + len(new_ids),
         "added_products": manifest.get("added_products", 0) + len(new_ids),
     }
-    _write_atomically(
+    publish_index(
         Path(out_dir),
         index,
         [*product_ids, *new_ids],
@@ -161,7 +161,7 @@ def _share(searches: pd.DataFrame, hot: list[str]) -> float:
     return float(searches["query"].isin(set(hot)).mean()) if len(searches) else 0.0
 
 
-def _write_atomically(
+def publish_index(
     out_dir: Path,
     index: faiss.Index,
     product_ids: list[str],

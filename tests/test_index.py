@@ -70,7 +70,7 @@ def test_a_crash_while_writing_leaves_the_previous_index_whole(
     first = ix.build_index(vectors[:100], IndexConfig(type="flat"))
     ids = [f"p{i}" for i in range(100)]
     hot = np.zeros((1, 32), np.float32)
-    ix._write_atomically(out, first, ids, {"type": "flat"}, ["q"], hot, vectors[:100])
+    ix.publish_index(out, first, ids, {"type": "flat"}, ["q"], hot, vectors[:100])
 
     def crash(*args: object) -> None:
         raise OSError("disk full")
@@ -78,7 +78,7 @@ def test_a_crash_while_writing_leaves_the_previous_index_whole(
     monkeypatch.setattr(ix.faiss, "write_index", crash)
     second = ix.build_index(vectors[:200], IndexConfig(type="flat"))
     with pytest.raises(OSError, match="disk full"):
-        ix._write_atomically(out, second, ids * 2, {"type": "flat"}, ["q"], hot, vectors[:200])
+        ix.publish_index(out, second, ids * 2, {"type": "flat"}, ["q"], hot, vectors[:200])
     monkeypatch.undo()
     index, product_ids, manifest, queries, embeddings = ix.load(out)
     assert index.ntotal == 100 and product_ids == ids and manifest == {"type": "flat"}
@@ -93,7 +93,7 @@ def test_a_swap_killed_between_its_renames_still_serves_the_previous_index(
     ids = [f"p{i}" for i in range(100)]
     hot = np.zeros((1, 32), np.float32)
     first = ix.build_index(vectors[:100], IndexConfig(type="flat"))
-    ix._write_atomically(out, first, ids, {"type": "flat"}, ["q"], hot, vectors[:100])
+    ix.publish_index(out, first, ids, {"type": "flat"}, ["q"], hot, vectors[:100])
 
     renames: list[Path] = []
     real_rename = Path.rename
@@ -107,12 +107,12 @@ def test_a_swap_killed_between_its_renames_still_serves_the_previous_index(
     monkeypatch.setattr(Path, "rename", killed_after_first_rename)
     second = ix.build_index(vectors[:200], IndexConfig(type="flat"))
     with pytest.raises(KeyboardInterrupt):
-        ix._write_atomically(out, second, ids * 2, {"type": "flat"}, ["q"], hot, vectors[:200])
+        ix.publish_index(out, second, ids * 2, {"type": "flat"}, ["q"], hot, vectors[:200])
     monkeypatch.undo()
     assert renames == [out] and not out.exists()  # the instant between the two renames
 
     index, product_ids, *_ = ix.load(out)  # the loader falls back to the previous index
     assert index.ntotal == 100 and product_ids == ids
-    ix._write_atomically(out, second, ids * 2, {"type": "flat"}, ["q"], hot, vectors[:200])
+    ix.publish_index(out, second, ids * 2, {"type": "flat"}, ["q"], hot, vectors[:200])
     assert ix.load(out)[0].ntotal == 200
     assert not list(tmp_path.glob(".index*"))  # nothing left aside
