@@ -380,7 +380,7 @@ def search(
         Path | None,
         typer.Option(
             help="--file: the Parquet to write, one row per query and rank "
-            "(default: <artifacts_dir>/search/<file name>.parquet)."
+            "(default: <artifacts_dir>/search/<its stem>.parquet, e.g. queries.parquet)."
         ),
     ] = None,
     model: Annotated[str, typer.Option(help="Registered model URI.")] = "models:/ace@champion",
