@@ -375,18 +375,52 @@ def flows_serve() -> None:
 
 @app.command("search")
 def search(
-    query: Annotated[str, typer.Argument(help="What a shopper types.")],
-    k: Annotated[int, typer.Option("--k", help="How many products.")] = 10,
+    query: Annotated[
+        str | None, typer.Argument(help="What a shopper types (or give --file).")
+    ] = None,
+    k: Annotated[
+        int, typer.Option("--k", help="How many products (--file: for rows without a k).")
+    ] = 10,
     sheet: Annotated[
         Path | None, typer.Option(help="Also write the results' images as a PNG contact sheet.")
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            help="Search every query of a .txt (one per line), .csv or .parquet (a 'query' "
+            "column, an optional 'k' column) in batches, instead of QUERY.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="--file: the Parquet to write, one row per query and rank "
+            "(default: <artifacts_dir>/search/<its stem>.parquet, e.g. queries.parquet)."
+        ),
     ] = None,
     model: Annotated[str, typer.Option(help="Registered model URI.")] = "models:/ace@champion",
     params_file: ParamsOption = PARAMS_FILE,
 ) -> None:
     """Search the catalogue with the champion retriever: top-K with titles (and images)."""
-    from components.search import contact_sheet, search_titles
+    from components.search import contact_sheet, search_file, search_titles
 
+    if (query is None) == (file is None):
+        raise AceError(
+            "give a QUERY or --file PATH, not both"
+            if file is not None
+            else "give a QUERY, or --file PATH for a file of queries"
+        )
+    if file is None and out is not None:
+        raise AceError("--out goes with --file (one query's results are printed)")
+    if file is not None and sheet is not None:
+        raise AceError("--sheet draws one query's results: not with --file")
     params = load_params(params_file)
+    if file is not None:
+        summary = search_file(params, model, file, k, out, progress=True)
+        typer.echo(summary.line())
+        return
+    assert query is not None
     results, warning = search_titles(params, model, query, k)
     if warning:
         typer.echo(f"warning: {query!r}: {warning}", err=True)
