@@ -1,4 +1,7 @@
-"""Output folders replaced whole: written aside, then swapped in, so no reader sees half of one.
+"""Outputs replaced whole: written aside, then swapped in, so no reader sees half of one.
+
+`publish_file(out, write)` has `write` fill a temporary file beside `out`, then renames it over
+`out` (one atomic `os.replace`); a failure while writing leaves `out` as it was.
 
 `publish_dir(out_dir, write)` has `write` fill a sibling `.<name>.new`, then swaps it in with two
 renames: `out_dir` -> `.<name>.old`, `.<name>.new` -> `out_dir`. A process killed between the two
@@ -9,7 +12,9 @@ leaves the previous folder untouched.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,3 +60,17 @@ def publish_dir(out_dir: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def publish_file(out: Path, write: Callable[[Path], None]) -> None:
+    """Have `write` fill a temporary file beside `out`, then rename it over `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        write(Path(name))
+        os.replace(name, out)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise

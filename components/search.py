@@ -21,7 +21,7 @@ row above), `query` (as the model searched it: stripped), `rank` (1-based), `pro
 `score` (cosine), `cached` (answered from the hot-query cache) and `warning` (null unless the
 model returned one). A query with no products (its words all unknown to the model: the warning
 says so) has one row with null rank, product and score, so every query of the file appears.
-The file is written beside its destination and moved into place (`os.replace`): a failed run
+The file is written beside its destination and moved into place (`publish_file`): a failed run
 leaves no partial file and an earlier result whole.
 """
 
@@ -31,9 +31,7 @@ import csv
 import io
 import math
 import numbers
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +40,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from components.atomic import publish_file
 from components.config import Params
 from components.errors import AceError, DataError
 
@@ -417,21 +417,6 @@ def result_table(queries: QueryFile, answers: pd.DataFrame) -> Any:
     return pa.table(columns, schema=RESULT_SCHEMA)
 
 
-def write_atomically(table: Any, out: Path) -> None:
-    """Write the table to `out` by way of a temporary file in the same folder and a rename."""
-    import pyarrow.parquet as pq
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, name)
-        os.replace(name, out)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-
-
 def default_out(params: Params, path: Path) -> Path:
     """Where results go without --out: under the (git-ignored) artifacts folder."""
     return params.paths.artifacts_dir / "search" / f"{Path(path).stem}.parquet"
@@ -461,7 +446,7 @@ def search_file(
     model = load_model(params, model_uri)
     answers, requests, seconds = search_batches(model, queries, progress)
     table = result_table(queries, answers)
-    write_atomically(table, out)
+    publish_file(out, lambda work: pq.write_table(table, work))
     return BatchSummary(
         source=path,
         out=out,
