@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -132,7 +133,18 @@ def _record_data_version(data_dir: Path) -> None:
 
     dvc_file = Path(f"{data_dir}.dvc")
     if dvc_file.exists():
-        subprocess.run(["dvc", "add", "-q", str(data_dir)], check=True)
+        # The dvc installed beside this ace first: PATH may not hold the environment's bin.
+        beside = Path(sys.executable).parent / "dvc"
+        dvc = str(beside) if beside.exists() else shutil.which("dvc")
+        if dvc is None:
+            raise AceError(
+                f"{dvc_file}: the data is DVC-tracked but no `dvc` command was found to record "
+                "the new version: install dvc, or pass --no-dvc"
+            )
+        done = subprocess.run([dvc, "add", "-q", str(data_dir)], capture_output=True, text=True)
+        if done.returncode:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise AceError(f"dvc add {data_dir} failed: {lines[-1] if lines else done.returncode}")
         typer.echo(f"new data version {tracking.data_version(dvc_file)} in {dvc_file}")
 
 

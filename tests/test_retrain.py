@@ -242,3 +242,18 @@ def test_cli_appends_days_and_monitor_needs_a_champion(world: Path, tmp_path: Pa
     assert monitored.stderr.strip().splitlines() == [
         "error: no `champion` of registered model 'ace' to monitor: run the pipeline first"
     ]
+
+
+def test_recording_a_data_version_without_dvc_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """`ace data append` on DVC-tracked data, with no dvc beside ace nor on PATH: one line."""
+    from components.cli import _record_data_version
+    from components.errors import AceError
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data.dvc").write_text("outs: []\n")
+    monkeypatch.setattr("sys.executable", str(tmp_path / "bin" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(AceError, match=r"data\.dvc: .* no `dvc` command was found"):
+        _record_data_version(tmp_path / "data")
