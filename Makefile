@@ -32,12 +32,13 @@ lint: install
 	ruff check .
 	ruff format --check .
 
+# One worker per core (at most 4), each test file whole on one worker (module fixtures built once).
 test: lint
-	pytest
+	pytest -n auto --maxprocesses 4 --dist loadfile
 
 # The inner loop: everything but the tests marked slow (end-to-end runs of stages and servers).
 test-fast: install
-	pytest -m "not slow"
+	pytest -n auto --maxprocesses 4 --dist loadfile -m "not slow"
 
 format: install
 	ruff check --fix .
