@@ -250,8 +250,30 @@ EPHEMERAL_STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 EPHEMERAL_STARTUP_SECONDS = "120"
 
 
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task's or flow's exception with its traceback; for a user's error
+    (an AceError: bad data, no champion) the log line stays and the traceback goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], AceError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    user_errors = _UserErrorsWithoutTraceback()
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    for logger in [logging.getLogger("prefect"), *loggers]:
+        if logger.name.startswith("prefect"):
+            for handler in logger.handlers:
+                if not any(isinstance(f, _UserErrorsWithoutTraceback) for f in handler.filters):
+                    handler.addFilter(user_errors)
+
+
 def _in_process(run_flow: Callable[[], T]) -> T:
-    """Run a flow in this process; a temporary Prefect server too slow to start is one line."""
+    """Run a flow in this process; a temporary Prefect server too slow to start is one line,
+    and so is a user's error inside a task (its log lines stay, without a traceback)."""
+    _quiet_user_errors()
     try:
         return run_flow()
     except RuntimeError as err:

@@ -11,9 +11,11 @@ from typing import Any
 import mlflow
 from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
 
 from components import tracking
 from components.config import Params, load_params
+from components.errors import AceError
 from components.stages import STAGES, Metrics, Stage, run_stage
 from flows.publish import component_logs, publish_report, publish_stage
 
@@ -25,6 +27,18 @@ def run_and_publish(stage: Stage, params: Params, parent_run_id: str | None = No
     return metrics
 
 
+def retry_unless_user_error(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry what may be transient; a user's error (bad data, no champion: an AceError) fails
+    at once, since running it again cannot help."""
+    try:
+        state.result()
+    except AceError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
 def stage_task(stage: Stage, retries: int = 0, retry_delay_seconds: int = 0) -> Task:
     # NO_CACHE: stage inputs are files on disk, which Prefect's input hashing cannot see;
     # skipping unchanged work is DVC's job.
@@ -34,6 +48,7 @@ def stage_task(stage: Stage, retries: int = 0, retry_delay_seconds: int = 0) -> 
         cache_policy=NO_CACHE,
         retries=retries,
         retry_delay_seconds=retry_delay_seconds,
+        retry_condition_fn=retry_unless_user_error,
     )
 
 

@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from components import tracking
 from components.config import load_params
 from components.refresh import run_refresh
-from flows.ace import run_stages
+from flows.ace import retry_unless_user_error, run_stages
 from flows.publish import component_logs
 
 INPUT_STAGES = ["validate", "features"]  # the new products validated, their images embedded
@@ -46,6 +46,7 @@ def refresh_index(
             cache_policy=NO_CACHE,
             retries=cfg.task_retries,
             retry_delay_seconds=cfg.retry_delay_seconds,
+            retry_condition_fn=retry_unless_user_error,
         )
         figures = refresh_task(params, parent_id)
         results["refresh"] = figures

@@ -25,7 +25,7 @@ from components.monitor import (
     run_monitor,
 )
 from components.stages import STAGES
-from flows.ace import run_stages
+from flows.ace import retry_unless_user_error, run_stages
 from flows.publish import component_logs, publish_report
 
 INPUT_STAGES = ["validate", "features"]  # the monitor needs the new data validated and embedded
@@ -65,6 +65,7 @@ def retrain(
             cache_policy=NO_CACHE,
             retries=cfg.task_retries,
             retry_delay_seconds=cfg.retry_delay_seconds,
+            retry_condition_fn=retry_unless_user_error,
         )
         summary = monitor_task(params, parent_id)
         results["monitor"] = {"drifted": summary.drifted, "reason": summary.reason}

@@ -314,3 +314,28 @@ def test_pipeline_run_explains_a_temporary_prefect_server_too_slow_to_start(tmp_
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or start a server (`prefect "
         "server start`) and point PREFECT_API_URL at it"
     ]
+
+
+def test_a_users_error_inside_a_flow_is_one_line_and_not_retried(tmp_path: Path):
+    """`ace index refresh` in a folder without data: the validate task fails at once (no
+    retries for an AceError) and the user sees log lines and one error, no traceback."""
+    from prefect.states import Failed
+
+    from components.errors import DataError
+    from flows.ace import retry_unless_user_error
+
+    assert not retry_unless_user_error(None, None, Failed(data=DataError("bad row")))
+    assert retry_unless_user_error(None, None, Failed(data=ConnectionError("went away")))
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    env = _env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env.pop("PREFECT_API_URL", None)
+    result = subprocess.run(
+        [BIN / "ace", "index", "refresh"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "Retry" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: data/products.parquet: file not found (expected products.parquet or products.csv)"
+    ]
