@@ -6,6 +6,7 @@ Each task's log carries its stage's progress lines, and its metrics are publishe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlflow
@@ -39,17 +40,23 @@ def retry_unless_user_error(task: Task, task_run: TaskRun, state: State) -> bool
     return True
 
 
-def stage_task(stage: Stage, retries: int = 0, retry_delay_seconds: int = 0) -> Task:
-    # NO_CACHE: stage inputs are files on disk, which Prefect's input hashing cannot see;
-    # skipping unchanged work is DVC's job.
+def retrying_task(fn: Callable, name: str, retries: int = 0, retry_delay_seconds: int = 0) -> Task:
+    """`fn` as a task of the pipeline's flows: retried unless a user's error, never cached.
+
+    NO_CACHE: inputs are files on disk, which Prefect's input hashing cannot see; skipping
+    unchanged work is DVC's job."""
     return task(
-        run_and_publish,
-        name=stage.name,
+        fn,
+        name=name,
         cache_policy=NO_CACHE,
         retries=retries,
         retry_delay_seconds=retry_delay_seconds,
         retry_condition_fn=retry_unless_user_error,
     )
+
+
+def stage_task(stage: Stage, retries: int = 0, retry_delay_seconds: int = 0) -> Task:
+    return retrying_task(run_and_publish, stage.name, retries, retry_delay_seconds)
 
 
 def run_stages(

@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from components import tracking
 from components.config import load_params
 from components.refresh import run_refresh
-from flows.ace import retry_unless_user_error, run_stages
+from flows.ace import retrying_task, run_stages
 from flows.publish import component_logs
 
 INPUT_STAGES = ["validate", "features"]  # the new products validated, their images embedded
@@ -40,13 +39,8 @@ def refresh_index(
         results: dict[str, Any] = run_stages(
             params, INPUT_STAGES, parent_id, cfg.task_retries, cfg.retry_delay_seconds
         )
-        refresh_task = task(
-            run_refresh,
-            name="refresh",
-            cache_policy=NO_CACHE,
-            retries=cfg.task_retries,
-            retry_delay_seconds=cfg.retry_delay_seconds,
-            retry_condition_fn=retry_unless_user_error,
+        refresh_task = retrying_task(
+            run_refresh, "refresh", cfg.task_retries, cfg.retry_delay_seconds
         )
         figures = refresh_task(params, parent_id)
         results["refresh"] = figures

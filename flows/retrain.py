@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from components import tracking
 from components.config import load_params
@@ -25,7 +24,7 @@ from components.monitor import (
     run_monitor,
 )
 from components.stages import STAGES
-from flows.ace import retry_unless_user_error, run_stages
+from flows.ace import retrying_task, run_stages
 from flows.publish import component_logs, publish_report
 
 INPUT_STAGES = ["validate", "features"]  # the monitor needs the new data validated and embedded
@@ -59,13 +58,8 @@ def retrain(
             )
             return _finish(results, "done before", outcome, logger)
 
-        monitor_task = task(
-            run_monitor,
-            name="monitor",
-            cache_policy=NO_CACHE,
-            retries=cfg.task_retries,
-            retry_delay_seconds=cfg.retry_delay_seconds,
-            retry_condition_fn=retry_unless_user_error,
+        monitor_task = retrying_task(
+            run_monitor, "monitor", cfg.task_retries, cfg.retry_delay_seconds
         )
         summary = monitor_task(params, parent_id)
         results["monitor"] = {"drifted": summary.drifted, "reason": summary.reason}
