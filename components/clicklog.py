@@ -104,11 +104,15 @@ def leave_one_out_texts(
     rows: np.ndarray,
     queries: list[str],
     sep: str,
+    cold: np.ndarray | None = None,
 ) -> list[str]:
     """Product-side texts of training pairs (catalogue row, query): each product's title and hot
-    queries without the pair's own query (finetune.py's module doc says why)."""
+    queries without the pair's own query (finetune.py's module doc says why); the `cold` pairs'
+    titles alone, as a product with no clicks yet reads."""
     texts = []
-    for row, query in zip(rows, queries, strict=True):
-        others = [h for h in hot.get(product_ids[row], []) if h != query]
+    if cold is None:
+        cold = np.zeros(len(rows), dtype=bool)
+    for row, query, no_hot in zip(rows, queries, cold, strict=True):
+        others = [] if no_hot else [h for h in hot.get(product_ids[row], []) if h != query]
         texts.append(product_text(titles[row], others, sep))
     return texts

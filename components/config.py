@@ -293,6 +293,9 @@ class FinetuneConfig(_Section):
     hot_queries: int = Field(default=10, ge=1)  # per product, most-clicked training queries
     max_query_len: int = Field(default=16, ge=4)
     max_product_text_len: int = Field(default=112, ge=8)  # title [SEP] hot queries
+    # Training pairs whose product reads its title and image only, as a product with no clicks
+    # yet does at serving time, so the product tower also learns cold products (docs/finetune.md).
+    cold_product_share: Share = 0.0
     partitions: int = Field(default=20, ge=1)  # mixed negative sampling (paper 4.3)
     batch_size: int = Field(default=64, ge=2)
     learning_rate: float = Field(default=1e-3, gt=0)

@@ -98,7 +98,8 @@ SUMMARY = "finetune_summary.json"
 KEYWORDS_FILE = "keywords.json"
 _FINAL_WINDOW = 50
 
-_EPOCH, _DROPOUT, _PROBE = 1, 2, 3  # random streams: np.random.default_rng([seed, stream, ...])
+# random streams: np.random.default_rng([seed, stream, ...])
+_EPOCH, _DROPOUT, _PROBE, _COLD = 1, 2, 3, 4
 
 
 def mixed_negative_batches(
@@ -409,7 +410,8 @@ class FinetuneTask(TrainingTask):
         rows = self.rows(step)
         query, product = self.pairs.query[rows], self.pairs.product[rows]
         mine = distributed.shard(np.arange(len(rows)), len(rows))
-        q, p = self.embed(query[mine], product[mine])
+        cold = self.cold_rows(step, len(rows))
+        q, p = self.embed(query[mine], product[mine], cold[mine])
         q, p = distributed.gather(q, len(rows)), distributed.gather(p, len(rows))
         positives = also_positive(query, product, self.keys, len(self.catalogue)).to(self.device)
         main = semantic_matching_loss(q.float(), p.float(), cfg.gamma, positives)
@@ -430,9 +432,19 @@ class FinetuneTask(TrainingTask):
             self.adversary.observe(q, p)
         return loss, record, len(rows)
 
-    def embed(self, query: np.ndarray, product: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def cold_rows(self, step: int, size: int) -> np.ndarray:
+        """Which rows of this step's global batch read no hot queries (`cold_product_share`);
+        drawn from the step alone, so every rank and a resumed run draw the same."""
+        share = self.cfg.cold_product_share
+        if not self.hot or share == 0:
+            return np.zeros(size, dtype=bool)
+        return np.random.default_rng([self.cfg.seed, _COLD, step]).random(size) < share
+
+    def embed(
+        self, query: np.ndarray, product: np.ndarray, cold: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both towers' embeddings of these training pairs (products read their hot queries
-        without the pair's own query)."""
+        without the pair's own query; `cold` rows read none)."""
         model, cfg = self.model, self.cfg
         if not len(query):  # an empty slice of a global batch smaller than the ranks
             dim = model.config.embedding_dim
@@ -448,6 +460,7 @@ class FinetuneTask(TrainingTask):
                 product,
                 [self.pairs.queries[i] for i in query],
                 self.tokenizer.sep_token,
+                cold,
             )
             ids = encode_texts(self.tokenizer, texts, cfg.max_product_text_len)
             p_batch["input_ids"], p_batch["attention_mask"] = trim(ids, self.tokenizer.pad_token_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -14,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from components import finetune as ft
 from components.clicklog import hot_queries, leave_one_out_texts, split_days
-from components.config import FeaturesConfig, Params, SplitConfig, load_params
+from components.config import FeaturesConfig, FinetuneConfig, Params, SplitConfig, load_params
 from components.distill import distill, kept_layers, make_student
 from components.errors import DataError
 from components.evaluate import evaluate_retriever
@@ -475,6 +476,30 @@ def test_training_product_text_leaves_the_pairs_own_query_out():
         "Red Dress [SEP] red dress [SEP] dress [SEP] crimson gown",  # not a hot query: all kept
         "Blue Cap",
     ]
+    cold = leave_one_out_texts(
+        ["p1", "p2"],
+        ["Red Dress", "Blue Cap"],
+        hot,
+        np.array([0, 0, 1]),
+        ["dress", "summer dress", "cap"],
+        "[SEP]",
+        np.array([False, True, False]),
+    )
+    assert cold == [texts[0], "Red Dress", "Blue Cap"]  # the cold pair reads its title alone
+
+
+def test_cold_product_rows_follow_the_share_and_the_step_alone():
+    def task(share: float, hot: dict[str, list[str]]) -> SimpleNamespace:
+        return SimpleNamespace(cfg=FinetuneConfig(seed=3, cold_product_share=share), hot=hot)
+
+    hot = {"p1": ["red dress"]}
+    draw = ft.FinetuneTask.cold_rows
+    assert not draw(task(0.0, hot), 5, 4000).any()
+    assert not draw(task(0.5, {}), 5, 4000).any()  # no hot queries (cebert): nothing to drop
+    rows = draw(task(0.25, hot), 5, 4000)
+    assert abs(rows.mean() - 0.25) < 0.03
+    assert np.array_equal(rows, draw(task(0.25, hot), 5, 4000))  # a resumed run, another rank
+    assert not np.array_equal(rows, draw(task(0.25, hot), 6, 4000))
 
 
 def test_make_learns_keywords_of_training_days_only_and_reports_its_gate(
