@@ -6,7 +6,9 @@ Where the paper is vague, this is what we chose:
   p's hot queries *without q*. Hot queries are the products' clicked training queries, so
   otherwise 99.98% of the demo world's training pairs carry their own query in the product's
   text, the model learns to copy-match it and neglects title and image (measured in
-  docs/finetune.md). Evaluation and serving read the whole list.
+  docs/finetune.md). Evaluation and serving read the whole list. `cold_product_share` of the
+  pairs (drawn per step) read no hot queries, as a product with no clicks yet (off by default:
+  measured in docs/finetune.md).
 - Training pairs are the distinct (query, product) pairs with at least one click in the training
   days, each once per epoch (a pair clicked often is not repeated: popular pairs would otherwise
   fill the batches with duplicates). Products without a stored image are not in the catalogue.
