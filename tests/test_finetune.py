@@ -463,7 +463,7 @@ def test_student_layers_are_evenly_spaced_teacher_layers():
 
 def test_training_product_text_leaves_the_pairs_own_query_out():
     hot = {"p1": ["red dress", "dress", "crimson gown"], "p2": ["cap"]}
-    texts = leave_one_out_texts(
+    pairs = (
         ["p1", "p2"],
         ["Red Dress", "Blue Cap"],
         hot,
@@ -471,20 +471,13 @@ def test_training_product_text_leaves_the_pairs_own_query_out():
         ["dress", "summer dress", "cap"],
         "[SEP]",
     )
+    texts = leave_one_out_texts(*pairs)
     assert texts == [
         "Red Dress [SEP] red dress [SEP] crimson gown",  # "dress" was this pair's query
         "Red Dress [SEP] red dress [SEP] dress [SEP] crimson gown",  # not a hot query: all kept
         "Blue Cap",
     ]
-    cold = leave_one_out_texts(
-        ["p1", "p2"],
-        ["Red Dress", "Blue Cap"],
-        hot,
-        np.array([0, 0, 1]),
-        ["dress", "summer dress", "cap"],
-        "[SEP]",
-        np.array([False, True, False]),
-    )
+    cold = leave_one_out_texts(*pairs, np.array([False, True, False]))
     assert cold == [texts[0], "Red Dress", "Blue Cap"]  # the cold pair reads its title alone
 
 
