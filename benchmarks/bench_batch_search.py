@@ -3,12 +3,12 @@
     cd PROJECT && python /path/to/benchmarks/bench_batch_search.py   # a project with a champion
 
 Loads the registered model once (`--model`, default `models:/ace@champion`; the tracking store
-is `MLFLOW_TRACKING_URI`, else the project's `mlruns/mlflow.db`, as `components.tracking` has it)
-and takes `--queries` distinct queries from the project's validated impressions: the test days'
+is `MLFLOW_TRACKING_URI`, else the project's `mlruns/mlflow.db`, as `components.ops.tracking` has
+it) and takes `--queries` distinct queries from the project's validated impressions: the test days'
 first, then the other days'. Then, in alternating rounds (which goes first alternates too, so
 machine load hits both alike), it searches them all with k = `--k`
 
-- batched: `components.search.search_batches` (what `ace search --file` runs: requests of at
+- batched: `components.serving.search.search_batches` (what `ace search --file` runs: requests of at
   most the bundle's max_rows_per_request queries, each validated first) and `result_table`
   (the long table it writes), and
 - one at a time: one `model.predict` of a one-row frame per query (what `ace search QUERY` or a
@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.clicklog import split_days
 from components.config import SplitConfig, load_params
-from components.search import (
+from components.data.clicklog import split_days
+from components.serving.search import (
     QueryFile,
     load_model,
     requests_of,

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from components.clicklog import split_days
 from components.config import load_params
-from components.retrieval import encode_texts, load_retriever, trim
+from components.data.clicklog import split_days
+from components.retrieval.retrieval import encode_texts, load_retriever, trim
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

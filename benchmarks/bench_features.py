@@ -47,10 +47,10 @@ import pandas as pd
 import psutil
 import torch
 
-from components import features as F
-from components.backbones import PatchEncoder, load_patch_encoder
 from components.config import FeaturesConfig, load_params
-from components.roi import detect_roi, grid_boxes
+from components.features.backbones import PatchEncoder, load_patch_encoder
+from components.features.features import features as F
+from components.features.roi import detect_roi, grid_boxes
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

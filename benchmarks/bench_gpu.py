@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from components import pretrained
-from components.modeling import (
+from components.models import pretrained
+from components.models.modeling import (
     AceBertForRetrieval,
     CeBertConfig,
     CeBertForPreTraining,

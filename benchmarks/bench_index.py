@@ -4,8 +4,8 @@
     python benchmarks/bench_index.py --artifacts /tmp/fresh/artifacts  # another run's artifacts
     python benchmarks/bench_index.py --skip-demo --n 100000            # quick synthetic check
 
-Every index is built by `components.index.build_index`, the function the `index` stage ships,
-from params.yaml `index` with a few settings changed. Two scales:
+Every index is built by `components.retrieval.index.build_index`, the function the `index` stage
+ships, from params.yaml `index` with a few settings changed. Two scales:
   - demo: the evaluate stage's product embeddings (artifacts/evaluate/product_embeddings.npy)
     searched with the hot-cache teacher query embeddings (artifacts/index/hot_cache.npy); the
     params.yaml settings apply unchanged (nlist 0 = automatic);
@@ -44,8 +44,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from components.ann import build_index
 from components.config import IndexConfig, load_params
+from components.retrieval.ann import build_index
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -37,12 +37,12 @@ import pandas as pd
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from components import pretrain as pt
-from components import pretrained
-from components.clicklog import split_days
 from components.config import Params, load_params
-from components.features import FeatureStore
-from components.tokenizer import train_wordpiece
+from components.data.clicklog import split_days
+from components.features.features import FeatureStore
+from components.models import pretrained
+from components.models.tokenizer import train_wordpiece
+from components.training import pretrain as pt
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -199,7 +199,7 @@ def _memory(kind: str, steps: int, vocab_size: int, seq_len: int, sizes: dict) -
 WALL_RUNNER = """
 import json, sys, time
 from pathlib import Path
-from components import pretrain as pt
+from components.training import pretrain as pt
 from components.config import load_params
 progress = Path(sys.argv[2])
 start = time.perf_counter()

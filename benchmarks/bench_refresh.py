@@ -6,7 +6,7 @@ For 1% and 10% of the catalogue taken as "new" (a seeded draw), an index over th
 plays the champion's. Then, alternating, `repeats` times each:
 - refresh: embed the new products with the fine-tuned product tower (image features read from
   the feature store, as the refresh does after the features stage) and add them to a copy of
-  that index, published atomically (components/index.py `extend`);
+  that index, published atomically (components/retrieval/index.py `extend`);
 - full build: embed the whole catalogue and build and publish a new index of the same type (what
   evaluate + index do for it).
 It also times one end-to-end `refresh` per fraction: a champion bundle registered in a scratch
@@ -31,14 +31,14 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from components.ann import build_index
-from components.backbones import resolve_device
 from components.config import Params, load_params
-from components.features import FeatureStore
-from components.index import extend, load, publish_index
-from components.refresh import refresh
-from components.retrieval import embed_with_tower
-from components.serving import log_retriever
+from components.features.backbones import resolve_device
+from components.features.features import FeatureStore
+from components.retrieval.ann import build_index
+from components.retrieval.index import extend, load, publish_index
+from components.retrieval.retrieval import embed_with_tower
+from components.serving.refresh import refresh
+from components.serving.serving import log_retriever
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

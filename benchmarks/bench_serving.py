@@ -39,9 +39,9 @@ from urllib.parse import urlsplit
 import numpy as np
 import pandas as pd
 
-from components.clicklog import split_days
 from components.config import SplitConfig, load_params
-from components.index import HOT_FILE
+from components.data.clicklog import split_days
+from components.retrieval.index import HOT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

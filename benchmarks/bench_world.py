@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from components.config import load_params
-from components.world import WorldSummary, generate_world
+from components.data.world import WorldSummary, generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

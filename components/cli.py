@@ -74,7 +74,7 @@ def data_synth(
     set_: SetOption = None,
 ) -> None:
     """Generate the synthetic shop world (catalog, images, click log, hidden truth)."""
-    from components.world import generate_world
+    from components.data.world import generate_world
 
     overrides = _parse_overrides(set_)
     if scale is not None:
@@ -107,7 +107,7 @@ def data_append(
     set_: SetOption = None,
 ) -> None:
     """Append further days (optionally drifted) to the world in paths.data_dir: new data."""
-    from components.world.append import append_days
+    from components.data.world.append import append_days
 
     overrides = _parse_overrides(set_)
     for key, value in (("append.days", days), ("append.drift", drift), ("append.seed", seed)):
@@ -129,7 +129,7 @@ def _record_data_version(data_dir: Path) -> None:
     """`dvc add` the data folder when it is DVC-tracked (its .dvc file exists)."""
     import subprocess
 
-    from components import tracking
+    from components.ops import tracking
 
     dvc_file = Path(f"{data_dir}.dvc")
     if dvc_file.exists():
@@ -188,7 +188,7 @@ def data_import(
     set_: SetOption = None,
 ) -> None:
     """Import a shop's product export (Amazon, Shopify, Merchant Center) or a click log."""
-    from components import importers
+    from components.data import importers
 
     overrides = _parse_overrides(set_)
     if category_level is not None:
@@ -226,8 +226,9 @@ def stage_run(
     """Run one stage as an MLflow run and write its outputs and metrics."""
     from contextlib import nullcontext
 
-    from components import distributed, tracking
+    from components.ops import tracking
     from components.stages import get_stage, run_stage
+    from components.training import distributed
 
     stage = get_stage(name)
     params = _params(params_file, set_)
@@ -338,7 +339,7 @@ def monitor_command(
     set_: SetOption = None,
 ) -> None:
     """Drift report of the new days against the champion's training days (validate first)."""
-    from components.monitor import run_monitor
+    from components.ops.monitor import run_monitor
 
     params = _params(params_file, set_)
     summary = run_monitor(params)
@@ -387,7 +388,7 @@ def features_show(
     set_: SetOption = None,
 ) -> None:
     """Draw a product's image with its RoI and patch grid: what the model sees."""
-    from components.features import show_product
+    from components.features.features import show_product
 
     params = _params(params_file, set_)
     # Under the git-ignored artifacts folder unless asked: never litter the working directory.
@@ -437,7 +438,7 @@ def search(
     params_file: ParamsOption = PARAMS_FILE,
 ) -> None:
     """Search the catalogue with the champion retriever: top-K with titles (and images)."""
-    from components.search import contact_sheet, search_file, search_titles
+    from components.serving.search import contact_sheet, search_file, search_titles
 
     if (query is None) == (file is None):
         raise AceError(
@@ -479,8 +480,8 @@ def serve_command(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from components import tracking
-    from components.server import serve
+    from components.ops import tracking
+    from components.serving.server import serve
 
     cfg = _params(params_file, set_).serving
     # uvicorn's worker processes resolve models:/ URIs through the environment.
@@ -513,8 +514,8 @@ def compare_variants(
     """Every variant and baseline (mean ± std over seeds), whole catalogue and slices."""
     import mlflow
 
-    from components import tracking
-    from components.compare import compare, plot_adversarial_curves, write
+    from components.ops import tracking
+    from components.ops.compare import compare, plot_adversarial_curves, write
 
     params = load_params(params_file)
     experiment = params.tracking.experiment
@@ -541,7 +542,7 @@ def report_command(
     set_: SetOption = None,
 ) -> None:
     """The last run in short: test figures against the baselines, the gate, the champion."""
-    from components.report import render
+    from components.ops.report import render
 
     text = render(_params(params_file, set_))
     typer.echo(text, nl=False)

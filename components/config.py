@@ -98,7 +98,7 @@ class ValidateConfig(_Section):
 
 
 class RoiConfig(_Section):
-    """Edge-detection RoI (components/roi.py explains each step)."""
+    """Edge-detection RoI (components/features/roi.py explains each step)."""
 
     canny_low: int = Field(default=40, ge=0)
     canny_high: int = Field(default=200, ge=1)
@@ -262,7 +262,7 @@ class PretrainConfig(_Section):
 
 
 class AdversarialConfig(_Section):
-    """Paper 3.3: a domain classifier against the towers (components/adversary.py)."""
+    """Paper 3.3: a domain classifier against the towers (components/models/adversary.py)."""
 
     method: Literal["confusion", "grl", "alternating"] = "confusion"
     weight: float = Field(default=0.1, ge=0)  # lambda (the schedule's final value)
@@ -431,7 +431,8 @@ class EvaluateConfig(_Section):
 
 
 class BaselinesConfig(_Section):
-    """The retrievers users would pick instead, scored beside ace (components/baselines.py)."""
+    """The retrievers users would pick instead, scored beside ace
+    (components/retrieval/baselines.py)."""
 
     model: str = "all-MiniLM-L6-v2"  # sentence-transformers model: name (offline) or directory
     max_seq_length: int = Field(default=128, ge=8)

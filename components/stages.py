@@ -17,9 +17,11 @@ import mlflow
 import pandas as pd
 import yaml
 
-from components import contract, distributed, plot_data, report, tracking
 from components.config import Params
+from components.data import contract
 from components.errors import AceError
+from components.ops import plot_data, report, tracking
+from components.training import distributed
 
 Metrics = dict[str, float]
 _ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +55,8 @@ def code_files(modules: tuple[str, ...], root: Path = _ROOT) -> list[str]:
     todo = list(modules)
     while todo:
         module = todo.pop()
-        path = root / (module.replace(".", "/") + ".py")
-        if module in seen or not path.is_file():
+        path = _source(module, root)
+        if module in seen or path is None:
             continue
         seen.add(module)
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -63,9 +65,18 @@ def code_files(modules: tuple[str, ...], root: Path = _ROOT) -> list[str]:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 todo.append(node.module)  # from components.x import y
                 todo += [f"{node.module}.{alias.name}" for alias in node.names]  # a submodule
-    package = {m for m in seen if m.split(".")[0] == "components"}
-    files = {(m.replace(".", "/") + ".py") for m in package}
-    return sorted(f for f in files if not f.endswith("__init__.py"))
+    files = {_source(m, root) for m in seen if m.split(".")[0] == "components"}
+    # An empty __init__.py is no code; one that defines names is.
+    return sorted(str(f.relative_to(root)) for f in files if f and f.stat().st_size > 0)
+
+
+def _source(module: str, root: Path) -> Path | None:
+    """The file of a module (`a/b.py`) or package (`a/b/__init__.py`) under root, if any."""
+    stem = root / module.replace(".", "/")
+    for path in (stem.with_suffix(".py"), stem / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,7 @@ def stage_dir(params: Params, name: str) -> Path:
 
 
 def _features(params: Params) -> Metrics:
-    from components.features import build_features
+    from components.features.features import build_features
 
     products = pd.read_parquet(stage_dir(params, "validate") / "products.parquet")
     truth_file = params.paths.data_dir / contract.TRUTH_DIR / "products.parquet"
@@ -110,7 +121,7 @@ def _features(params: Params) -> Metrics:
 
 
 def _validate(params: Params) -> Metrics:
-    from components.validate import validate_data
+    from components.data.validate import validate_data
 
     out_dir = stage_dir(params, "validate")
     report = validate_data(params.paths.data_dir, out_dir, params.validate_)
@@ -134,7 +145,7 @@ def _training_curves(params: Params, name: str, out_dir: Path, history_file: str
 
 
 def _pretrain(params: Params) -> Metrics:
-    from components.pretrain import CURVE, HISTORY, MODEL_DIR, pretrain
+    from components.training.pretrain import CURVE, HISTORY, MODEL_DIR, pretrain
 
     out_dir = stage_dir(params, "pretrain")
     metrics = pretrain(params, out_dir)
@@ -145,7 +156,7 @@ def _pretrain(params: Params) -> Metrics:
 
 
 def _finetune(params: Params) -> Metrics:
-    from components.finetune import CURVE, HISTORY, MODEL_DIR, finetune
+    from components.training.finetune import CURVE, HISTORY, MODEL_DIR, finetune
 
     out_dir = stage_dir(params, "finetune")
     metrics = finetune(params, out_dir)
@@ -156,7 +167,7 @@ def _finetune(params: Params) -> Metrics:
 
 
 def _baselines(params: Params) -> Metrics:
-    from components.baselines import RESULTS_FILE, run_baselines
+    from components.retrieval.baselines import RESULTS_FILE, run_baselines
 
     out_dir = stage_dir(params, "baselines")
     metrics = run_baselines(params, out_dir)
@@ -165,7 +176,7 @@ def _baselines(params: Params) -> Metrics:
 
 
 def _evaluate(params: Params) -> Metrics:
-    from components.evaluate import (
+    from components.retrieval.evaluate import (
         EMBEDDING_MAP,
         METRICS_FILE,
         RECALL_CURVE,
@@ -184,7 +195,7 @@ def _evaluate(params: Params) -> Metrics:
 
 
 def _distill(params: Params) -> Metrics:
-    from components.distill import STUDENT_DIR, distill
+    from components.training.distill import STUDENT_DIR, distill
 
     out_dir = stage_dir(params, "distill")
     metrics = distill(params, out_dir)
@@ -193,7 +204,7 @@ def _distill(params: Params) -> Metrics:
 
 
 def _index(params: Params) -> Metrics:
-    from components.index import MANIFEST, build
+    from components.retrieval.index import MANIFEST, build
 
     out_dir = stage_dir(params, "index")
     metrics = build(params, out_dir)
@@ -202,7 +213,7 @@ def _index(params: Params) -> Metrics:
 
 
 def _gate(params: Params) -> Metrics:
-    from components.gate import DECISION, gate
+    from components.ops.gate import DECISION, gate
 
     out_dir = stage_dir(params, "gate")
     metrics = gate(params, out_dir)
@@ -215,7 +226,7 @@ STAGES: tuple[Stage, ...] = (
         name="validate",
         run=_validate,
         params=("validate",),
-        modules=("components.validate",),
+        modules=("components.data.validate",),
         deps=lambda p: [p.paths.data_dir],
         outs=lambda p: [stage_dir(p, "validate")],
         description="Check products and impressions with Great Expectations; quarantine bad rows.",
@@ -224,7 +235,7 @@ STAGES: tuple[Stage, ...] = (
         name="features",
         run=_features,
         params=("features",),
-        modules=("components.features",),
+        modules=("components.features.features",),
         deps=lambda p: [stage_dir(p, "validate"), p.paths.data_dir],
         outs=lambda p: [stage_dir(p, "features")],
         description="RoI by edge detection, CNN patch features, pixel tokens: the image tokens.",
@@ -234,7 +245,7 @@ STAGES: tuple[Stage, ...] = (
         name="baselines",
         run=_baselines,
         params=("split", "baselines", "index", "evaluate.ks", "finetune.hot_queries"),
-        modules=("components.baselines",),
+        modules=("components.retrieval.baselines",),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features")],
         outs=lambda p: [stage_dir(p, "baselines")],
         description="BM25 and sentence-transformers baselines (zero-shot, fine-tuned), same rows.",
@@ -243,7 +254,7 @@ STAGES: tuple[Stage, ...] = (
         name="pretrain",
         run=_pretrain,
         params=("model", "split", "pretrain"),
-        modules=("components.pretrain",),
+        modules=("components.training.pretrain",),
         deps=lambda p: [stage_dir(p, "validate"), stage_dir(p, "features")],
         outs=lambda p: [stage_dir(p, "pretrain")],
         description="CE-BERT pre-training: MLM + masked patch KL + text-image prediction.",
@@ -254,7 +265,7 @@ STAGES: tuple[Stage, ...] = (
         name="finetune",
         run=_finetune,
         params=("model", "split", "finetune"),
-        modules=("components.finetune",),
+        modules=("components.training.finetune",),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "pretrain")],
         outs=lambda p: [stage_dir(p, "finetune")],
         description="ACE-BERT fine-tuning: two towers, in-batch softmax, mixed negatives.",
@@ -265,7 +276,7 @@ STAGES: tuple[Stage, ...] = (
         name="evaluate",
         run=_evaluate,
         params=("model", "split", "finetune", "evaluate", "index"),
-        modules=("components.evaluate",),
+        modules=("components.retrieval.evaluate",),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune", "baselines")],
         outs=lambda p: [stage_dir(p, "evaluate")],
         description="GAUC, Recall@K (ANN and exact), MRR, nDCG@10, slices; beside the baselines.",
@@ -275,7 +286,7 @@ STAGES: tuple[Stage, ...] = (
         name="distill",
         run=_distill,
         params=("model", "split", "finetune", "evaluate", "distill", "index"),
-        modules=("components.distill",),
+        modules=("components.training.distill",),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune", "evaluate")],
         outs=lambda p: [stage_dir(p, "distill")],
         description="A shallower query tower distilled from the fine-tuned one (paper 4.7).",
@@ -284,7 +295,7 @@ STAGES: tuple[Stage, ...] = (
         name="index",
         run=_index,
         params=("split", "finetune", "evaluate", "index"),
-        modules=("components.index",),
+        modules=("components.retrieval.index",),
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "features", "finetune", "evaluate")],
         outs=lambda p: [stage_dir(p, "index")],
         description="FAISS product index and the hot-query cache, swapped in atomically.",
@@ -293,7 +304,7 @@ STAGES: tuple[Stage, ...] = (
         name="gate",
         run=_gate,
         params=("model", "split", "finetune", "gate", "tracking", "serving"),
-        modules=("components.gate", "components.served_model"),  # logged from its code
+        modules=("components.ops.gate", "components.serving.served_model"),  # logged from its code
         deps=lambda p: [stage_dir(p, n) for n in ("validate", "finetune", "distill", "index")],
         outs=lambda p: [stage_dir(p, "gate")],
         description="Judge the served bundle like for like; promote it only if it passes.",

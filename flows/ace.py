@@ -14,9 +14,9 @@ from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
-from components import tracking
 from components.config import Params, load_params
 from components.errors import AceError
+from components.ops import tracking
 from components.stages import STAGES, Metrics, Stage, run_stage
 from flows.publish import component_logs, publish_report, publish_stage
 

@@ -14,8 +14,8 @@ from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
 from prefect.logging.handlers import APILogHandler
 
-from components import report
 from components.config import Params
+from components.ops import report
 from components.stages import Metrics, Stage
 
 COMPONENTS = "components"  # the package whose loggers the stages write progress to

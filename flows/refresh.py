@@ -1,5 +1,5 @@
 """The Prefect flow behind the daily deployment `ace/refresh`: new products into the champion's
-index without a retrain (components/refresh.py).
+index without a retrain (components/serving/refresh.py).
 
 validate -> features (only the new products' images are computed) -> refresh; the refreshed
 bundle is promoted only through the gate's checks. With nothing new it registers nothing, so a
@@ -14,9 +14,9 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from components import tracking
 from components.config import load_params
-from components.refresh import run_refresh
+from components.ops import tracking
+from components.serving.refresh import run_refresh
 from flows.ace import retrying_task, run_stages
 from flows.publish import component_logs
 

@@ -14,9 +14,9 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from components import tracking
 from components.config import load_params
-from components.monitor import (
+from components.ops import tracking
+from components.ops.monitor import (
     champion_version,
     earlier_attempt,
     mark_attempt,

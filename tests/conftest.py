@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -98,20 +99,13 @@ def repo_params() -> Params:
 def tiny_params(repo_params: Params, tmp_path_factory: pytest.TempPathFactory) -> Params:
     """The repo's params at the tiny scale, reading and writing under a temporary folder."""
     base = tmp_path_factory.mktemp("tiny")
-    return load_params(
-        ROOT / "params.yaml",
-        {
-            **TINY_OVERRIDES,
-            "paths.data_dir": str(base / "data"),
-            "paths.artifacts_dir": str(base / "artifacts"),
-        },
-    )
+    return make_params((TINY_OVERRIDES,), base / "artifacts", base / "data")
 
 
 @pytest.fixture(scope="session")
 def tiny_world(tiny_params: Params) -> Path:
     """A tiny synthetic world, generated once per session."""
-    from components.world import generate_world
+    from components.data.world import generate_world
 
     generate_world(tiny_params.synth, tiny_params.paths.data_dir, progress=False)
     return tiny_params.paths.data_dir
@@ -136,8 +130,26 @@ def trained_overrides(artifacts: Path, data_dir: Path, **overrides: object) -> d
     }
 
 
+def make_params(
+    layers: Sequence[Mapping[str, object]],
+    artifacts: Path,
+    data_dir: Path | None = None,
+    **overrides: object,
+) -> Params:
+    """params.yaml writing under `artifacts` (and reading `data_dir`), with override layers applied
+    in order and `overrides` last. A test module binds its layers once:
+    `_params = partial(make_params, (TINY_OVERRIDES, MINE))`."""
+    merged: dict[str, object] = {}
+    for layer in layers:
+        merged.update(layer)
+    merged["paths.artifacts_dir"] = str(artifacts)
+    if data_dir is not None:
+        merged["paths.data_dir"] = str(data_dir)
+    return load_params(ROOT / "params.yaml", {**merged, **overrides})
+
+
 def trained_params(artifacts: Path, data_dir: Path, **overrides: object) -> Params:
-    return load_params(ROOT / "params.yaml", trained_overrides(artifacts, data_dir, **overrides))
+    return make_params((trained_overrides(artifacts, data_dir, **overrides),), artifacts, data_dir)
 
 
 # The image features of the trained world (tiny, CPU); incremental builds must use the same.
@@ -157,12 +169,12 @@ def trained_world(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) ->
     import pandas as pd
     import torch
 
-    from components.distill import distill
-    from components.evaluate import evaluate_retriever
-    from components.features import build_features
-    from components.finetune import finetune
-    from components.index import build as build_index
-    from components.pretrain import pretrain
+    from components.features.features import build_features
+    from components.retrieval.evaluate import evaluate_retriever
+    from components.retrieval.index import build as build_index
+    from components.training.distill import distill
+    from components.training.finetune import finetune
+    from components.training.pretrain import pretrain
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from sklearn.datasets import load_sample_image
 
-from benchmarks.bench_backbone_probe import make_shapes, probe_accuracy
-from components.backbones import (
+from components.errors import AceError
+from components.features.backbones import (
     PRETRAINED_LITE0,
     RANDOM_LITE0,
     EfficientNetLite0,
@@ -18,7 +18,7 @@ from components.backbones import (
     load_patch_encoder,
     resolve_device,
 )
-from components.errors import AceError
+from components.features.probe import make_shapes, probe_accuracy
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from components import tracking
-from components.compare import METRICS, compare, plot_adversarial_curves, write
 from components.errors import AceError
+from components.ops import tracking
+from components.ops.compare import METRICS, compare, plot_adversarial_curves, write
 
 
 def _log(stage: str, variant: str, seed: int, metrics: dict[str, float], version: str = "v1"):

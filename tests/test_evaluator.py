@@ -9,11 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.ann import build_index
-from components.bm25 import Bm25Ranker
 from components.config import IndexConfig
-from components.evaluator import EmbeddingRanker, RetrievalEvaluator, click_slices, rows_digest
-from components.retrieval_metrics import exact_top_k, gauc, ranking_metrics, relevant_sets
+from components.retrieval.ann import build_index
+from components.retrieval.bm25 import Bm25Ranker
+from components.retrieval.evaluator import (
+    EmbeddingRanker,
+    RetrievalEvaluator,
+    click_slices,
+    rows_digest,
+)
+from components.retrieval.retrieval_metrics import exact_top_k, gauc, ranking_metrics, relevant_sets
 
 DIM = 8
 
@@ -183,7 +188,7 @@ def test_slices_split_the_clicks_by_what_the_title_says(tmp_path: Path):
 
 def test_a_judged_query_set_scores_graded_ndcg_and_recall(tmp_path: Path):
     from components.errors import DataError
-    from components.evaluator import judged_figures, load_judgements
+    from components.retrieval.evaluator import judged_figures, load_judgements
 
     judged = tmp_path / "judged.csv"
     pd.DataFrame(

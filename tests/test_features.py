@@ -16,7 +16,7 @@ import pytest
 
 from components.config import FeaturesConfig, Params, RoiConfig
 from components.errors import DataError
-from components.features import (
+from components.features.features import (
     FAILED,
     FeatureStore,
     build_features,
@@ -24,7 +24,7 @@ from components.features import (
     pixel_tokens,
     settings_signature,
 )
-from components.roi import detect_roi, grid_boxes, iou
+from components.features.roi import detect_roi, grid_boxes, iou
 from tests.conftest import ROOT
 
 # Small but real: the packaged ImageNet CNN on 32px patches, one variant unless a test needs both.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,32 +14,32 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from components import finetune as ft
-from components.clicklog import hot_queries, leave_one_out_texts, split_days
-from components.config import FeaturesConfig, FinetuneConfig, Params, SplitConfig, load_params
-from components.distill import distill, kept_layers, make_student
+from components.config import FeaturesConfig, FinetuneConfig, Params, SplitConfig
+from components.data.clicklog import hot_queries, leave_one_out_texts, split_days
 from components.errors import DataError
-from components.evaluate import evaluate_retriever
-from components.features import build_features
-from components.finetune import (
+from components.features.features import build_features
+from components.models.modeling import (
+    AceBertForRetrieval,
+    CeBertConfig,
+    domain_loss,
+    semantic_matching_loss,
+)
+from components.retrieval.evaluate import evaluate_retriever
+from components.retrieval.index import build as build_index_stage
+from components.retrieval.index import load as load_index
+from components.retrieval.retrieval import load_retriever
+from components.training import finetune as ft
+from components.training.distill import distill, kept_layers, make_student
+from components.training.finetune import (
     also_positive,
     click_pairs,
     finetune,
     mixed_negative_batches,
     same_category_share,
 )
-from components.index import build as build_index_stage
-from components.index import load as load_index
-from components.modeling import (
-    AceBertForRetrieval,
-    CeBertConfig,
-    domain_loss,
-    semantic_matching_loss,
-)
-from components.pretrain import pretrain
-from components.retrieval import load_retriever
-from components.trainer import Trainer
-from tests.conftest import ROOT, TINY_OVERRIDES
+from components.training.pretrain import pretrain
+from components.training.trainer import Trainer
+from tests.conftest import ROOT, TINY_OVERRIDES, make_params
 
 N_PRODUCTS = 120
 
@@ -62,21 +63,14 @@ def world(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return artifacts
 
 
-def _params(artifacts: Path, tiny_world: Path, **overrides: object) -> Params:
-    return load_params(
-        ROOT / "params.yaml",
-        {
-            **TINY_OVERRIDES,
-            "paths.data_dir": str(tiny_world),
-            "paths.artifacts_dir": str(artifacts),
-            "model.variant": "acebert",
-            "pretrain.num_layers": 2,  # so the distilled student (1 layer) is smaller
-            "pretrain.device": "cpu",
-            "finetune.device": "cpu",
-            "evaluate.device": "cpu",
-            **overrides,
-        },
-    )
+ACEBERT_ON_CPU = {
+    "model.variant": "acebert",
+    "pretrain.num_layers": 2,  # so the distilled student (1 layer) is smaller
+    "pretrain.device": "cpu",
+    "finetune.device": "cpu",
+    "evaluate.device": "cpu",
+}
+_params = partial(make_params, (TINY_OVERRIDES, ACEBERT_ON_CPU))
 
 
 # ------------------------------------------------------------------------------ data
@@ -284,8 +278,8 @@ def _must_not_step(*args: object, **kwargs: object) -> None:
 def _trainer(params: Params) -> tuple[AceBertForRetrieval, Trainer]:
     from transformers import BertTokenizerFast
 
-    from components.features import FeatureStore
-    from components.retrieval import Catalogue, encode_texts
+    from components.features.features import FeatureStore
+    from components.retrieval.retrieval import Catalogue, encode_texts
 
     artifacts = params.paths.artifacts_dir
     pretrained = artifacts / "pretrain" / "model"
@@ -383,7 +377,12 @@ def test_tiny_finetune_learns_resumes_and_evaluates(
 
     # Evaluation of the first model: the model beats chance and BM25 is scored alongside.
     evaluated = evaluate_retriever(params, world / "evaluate", progress=False)
-    assert evaluated["gauc"] > 0.5 and evaluated["val_gauc"] > 0.5
+    # Chance is GAUC 0.5 and MRR H(n)/n (0.045 on these ~120 products); measured: GAUC 0.65 and
+    # MRR 0.33 on the test day, 0.66 and 0.28 on the validation day.
+    chance_mrr = sum(1 / rank for rank in range(1, int(evaluated["n_products"]) + 1))
+    chance_mrr /= evaluated["n_products"]
+    assert evaluated["gauc"] > 0.6 and evaluated["val_gauc"] > 0.6
+    assert evaluated["mrr"] > 4 * chance_mrr and evaluated["val_mrr"] > 4 * chance_mrr
     # The slices partition the test clicks: image + text queries cover every query with a click.
     assert evaluated["image_queries"] > 0 and evaluated["cold_queries"] > 0
     assert evaluated["image_queries"] + evaluated["text_queries"] >= evaluated["queries"]
@@ -423,11 +422,14 @@ def test_tiny_finetune_learns_resumes_and_evaluates(
     assert student.config.num_hidden_layers == 1
 
     # The index over the same product embeddings, and the hot-query cache.
-    indexed = build_index_stage(params, world / "index")
+    # Recall@10 against the exact search: at k=100 of ~120 products a random index scores 0.8.
+    indexed = build_index_stage(
+        _params(world, tiny_world, **{"index.recall_k": 10}), world / "index"
+    )
     index, product_ids, manifest, hot, hot_emb = load_index(world / "index")
     assert index.ntotal == len(product_ids) == evaluated["n_products"]
     assert manifest["type"] == params.index.type and len(hot) == len(hot_emb) > 0
-    assert indexed["ann_recall_at_100_vs_exact"] > 0.9
+    assert indexed["ann_recall_at_10_vs_exact"] > 0.9
     assert 0 < indexed["hot_cache_share_of_test_searches"] <= 1
 
 

@@ -20,10 +20,10 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from components import tracking
-from components.clicklog import split_days
 from components.config import Params, ServingLimits
-from components.gate import (
+from components.data.clicklog import split_days
+from components.ops import tracking
+from components.ops.gate import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
@@ -32,7 +32,7 @@ from components.gate import (
     gate,
     hash_test_rows,
 )
-from components.serving import UNKNOWN_WORDS, Retriever, validate_request
+from components.serving.serving import UNKNOWN_WORDS, Retriever, validate_request
 from tests.conftest import ROOT, trained_params
 
 BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
@@ -43,10 +43,6 @@ if not (BIN / "mlflow").exists():
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _params(artifacts: Path, tiny_world: Path, **overrides: object) -> Params:
-    return trained_params(artifacts, tiny_world, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +84,7 @@ def test_gate_promotes_the_first_and_better_models_and_never_a_failing_one(
 ):
     client = MlflowClient()
     name = "ace"
-    first = _run_gate(_params(world, tiny_world))
+    first = _run_gate(trained_params(world, tiny_world))
     assert first["passed"] and first["champion_version"] is None  # first-ever model
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == first["version"]
     tags = client.get_model_version(name, first["version"]).tags
@@ -97,24 +93,26 @@ def test_gate_promotes_the_first_and_better_models_and_never_a_failing_one(
         Retriever(world / "distill" / "student", world / "index", 12),
         split_days(
             pd.read_parquet(world / "validate" / "impressions.parquet"),
-            _params(world, tiny_world).split,
+            trained_params(world, tiny_world).split,
         ).test,
     )
     assert float(tags["gauc"]) == pytest.approx(served["gauc"], abs=1e-9)
     assert float(tags["recall_at_100"]) == pytest.approx(served["recall_at_100"], abs=1e-9)
 
     # The same weights, index, settings and test rows: nothing registered, nothing moved.
-    same = _run_gate(_params(world, tiny_world))
+    same = _run_gate(trained_params(world, tiny_world))
     assert same["identical_to_champion"] and same["version"] == first["version"]
     assert _versions() == 1
 
-    second = _run_gate(_params(world, tiny_world, **_other_bundle(999)))  # same test rows
+    second = _run_gate(trained_params(world, tiny_world, **_other_bundle(999)))  # same test rows
     assert second["passed"] and second["champion_version"] == first["version"]
     assert not second["champion_reevaluated"]
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == second["version"]
     assert str(client.get_model_version_by_alias(name, PREVIOUS).version) == first["version"]
 
-    failing = _run_gate(_params(world, tiny_world, **{"gate.min_gauc": 1.0, **_other_bundle(998)}))
+    failing = _run_gate(
+        trained_params(world, tiny_world, **{"gate.min_gauc": 1.0, **_other_bundle(998)})
+    )
     assert not failing["passed"] and failing["failed_checks"] == ["floor:gauc"]
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == second["version"]
     assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == failing["version"]
@@ -122,13 +120,15 @@ def test_gate_promotes_the_first_and_better_models_and_never_a_failing_one(
     assert version.tags["gate"] == "failed" and version.tags["failed_checks"] == "floor:gauc"
 
     unfaithful = _run_gate(
-        _params(world, tiny_world, **{"gate.min_student_fidelity": 5.0, **_other_bundle(997)})
+        trained_params(
+            world, tiny_world, **{"gate.min_student_fidelity": 5.0, **_other_bundle(997)}
+        )
     )
     assert unfaithful["failed_checks"] == ["fidelity:student"]
 
     # A champion better than the candidate on the same test rows: a regression, not promoted.
     client.set_model_version_tag(name, second["version"], "gauc", "0.999")
-    regressed = _run_gate(_params(world, tiny_world, **_other_bundle(996)))
+    regressed = _run_gate(trained_params(world, tiny_world, **_other_bundle(996)))
     assert regressed["failed_checks"] == ["regression:gauc"]
     assert not regressed["champion_reevaluated"]
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == second["version"]
@@ -149,7 +149,7 @@ def test_a_champion_from_another_test_period_is_judged_again_on_these_rows(
 ):
     """Stale figures would let a worse candidate through; fresh ones, on these rows, do not."""
     client = MlflowClient()
-    champion = _run_gate(_params(world, tiny_world))
+    champion = _run_gate(trained_params(world, tiny_world))
     # What the registry would say of a champion judged on another period, with weaker figures.
     for key, value in {
         "test_rows_hash": "another-period",
@@ -158,7 +158,7 @@ def test_a_champion_from_another_test_period_is_judged_again_on_these_rows(
     }.items():
         client.set_model_version_tag("ace", champion["version"], key, str(value))
     worse = _scrambled_copy(world, tmp_path / "worse")
-    decision = _run_gate(_params(worse, tiny_world))
+    decision = _run_gate(trained_params(worse, tiny_world))
     assert decision["champion_reevaluated"]
     stale = {"gauc": 0.0, "recall_at_100": 0.0}
     floors = {"gauc": 0.0, "recall_at_100": 0.0}
@@ -172,22 +172,22 @@ def test_same_rows_anywhere_are_the_same_and_other_rows_are_not(
     world: Path, tiny_world: Path, tmp_path: Path
 ):
     """Untracked data outside ./data: sameness comes from the test rows, not from data.dvc."""
-    first = _run_gate(_params(world, tiny_world))
+    first = _run_gate(trained_params(world, tiny_world))
     elsewhere = tmp_path / "elsewhere" / "artifacts"
     shutil.copytree(world, elsewhere, ignore=shutil.ignore_patterns("gate"))
     impressions = pd.read_parquet(elsewhere / "validate" / "impressions.parquet")
     shuffled = impressions.sample(frac=1.0, random_state=0)  # same rows, another order
     shuffled.to_parquet(elsewhere / "validate" / "impressions.parquet", index=False)
-    moved = _run_gate(_params(elsewhere, tmp_path / "no-data", **_other_bundle(999)))
+    moved = _run_gate(trained_params(elsewhere, tmp_path / "no-data", **_other_bundle(999)))
     assert moved["champion_version"] == first["version"] and not moved["champion_reevaluated"]
 
-    test = split_days(impressions, _params(world, tiny_world).split).test
+    test = split_days(impressions, trained_params(world, tiny_world).split).test
     fewer = impressions.drop(index=test[test["search_id"] == test["search_id"].iloc[0]].index)
     fewer.to_parquet(elsewhere / "validate" / "impressions.parquet", index=False)
-    changed = _run_gate(_params(elsewhere, tmp_path / "no-data", **_other_bundle(998)))
+    changed = _run_gate(trained_params(elsewhere, tmp_path / "no-data", **_other_bundle(998)))
     assert changed["champion_reevaluated"]
     assert hash_test_rows(test) != hash_test_rows(
-        split_days(fewer, _params(world, tiny_world).split).test
+        split_days(fewer, trained_params(world, tiny_world).split).test
     )
     assert hash_test_rows(test) == hash_test_rows(test.sample(frac=1.0, random_state=1))
 
@@ -195,7 +195,7 @@ def test_same_rows_anywhere_are_the_same_and_other_rows_are_not(
 def test_a_served_model_is_charged_for_clicks_on_products_its_index_lacks(
     world: Path, tiny_world: Path
 ):
-    params = _params(world, tiny_world)
+    params = trained_params(world, tiny_world)
     retriever = Retriever(world / "distill" / "student", world / "index", 12)
     impressions = pd.read_parquet(world / "validate" / "impressions.parquet")
     test = split_days(impressions, params.split).test
@@ -219,7 +219,7 @@ def champion(world: Path, tiny_world: Path, tmp_path_factory: pytest.TempPathFac
     store = f"sqlite:///{home / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
     with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": store}):
-        _run_gate(_params(world, tiny_world, **{"serving.limits.max_rows_per_request": 50}))
+        _run_gate(trained_params(world, tiny_world, **{"serving.limits.max_rows_per_request": 50}))
         bundle = Path(mlflow.artifacts.download_artifacts("models:/ace@champion"))
     return store, bundle
 
@@ -416,9 +416,9 @@ def test_search_prints_titles_and_draws_a_contact_sheet(
     world: Path, tiny_world: Path, tmp_path: Path
 ):
     from components.errors import AceError
-    from components.search import contact_sheet, search_titles
+    from components.serving.search import contact_sheet, search_titles
 
-    params = _params(world, tiny_world)
+    params = trained_params(world, tiny_world)
     _run_gate(params)
     results, warning = search_titles(params, "models:/ace@champion", "red dress", 5)
     assert warning is None

@@ -17,10 +17,9 @@ from typing import ClassVar
 import pandas as pd
 import pytest
 
-from components import contract
 from components.config import ImportConfig, Params, ValidateConfig, load_params
-from components.errors import AceError, DataError
-from components.importers import (
+from components.data import contract
+from components.data.importers import (
     CLICK_FIELDS,
     QUARANTINE_FILE,
     REPORT_FILE,
@@ -28,7 +27,8 @@ from components.importers import (
     import_products,
     parse_mapping,
 )
-from components.validate import validate_data
+from components.data.validate import validate_data
+from components.errors import AceError, DataError
 from tests.conftest import ROOT, TINY_OVERRIDES
 from tests.validate_fixtures import write_image
 

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import index as ix
 from components.config import IndexConfig
-from components.retrieval_metrics import exact_top_k
+from components.retrieval.retrieval import index as ix
+from components.retrieval.retrieval_metrics import exact_top_k
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from components.config import MakeConfig
-from components.keywords import query_keywords, targets
-from components.modeling import AceBertForRetrieval, CeBertConfig
+from components.models.keywords import query_keywords, targets
+from components.models.modeling import AceBertForRetrieval, CeBertConfig
 
 
 def test_keywords_are_what_the_clicked_titles_share_beyond_boilerplate():

@@ -10,7 +10,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from components.errors import AceError
-from components.modeling import (
+from components.models.modeling import (
     CeBertConfig,
     CeBertForPreTraining,
     CeBertModel,

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from components import tracking
 from components.config import ConfigError, Params, load_params
+from components.ops import tracking
 from components.stages import CHARTS, STAGES, get_stage, render_dvc_yaml, run_stage
 from tests.conftest import ROOT, TINY_OVERRIDES
 
@@ -47,20 +47,42 @@ def test_every_stage_reads_existing_sections_and_code(repo_params: Params):
 def test_stage_code_is_the_import_closure_of_its_modules(tmp_path: Path):
     from components.stages import code_files
 
-    finetune = code_files(("components.finetune",))
+    finetune = code_files(("components.training.finetune",))
     # Direct, indirect (finetune -> evaluator -> retrieval_metrics) and the config everything reads.
-    for source in ("finetune", "adversary", "evaluator", "retrieval_metrics", "config", "errors"):
+    for source in (
+        "training/finetune",
+        "models/adversary",
+        "retrieval/evaluator",
+        "retrieval/retrieval_metrics",
+        "config",
+        "errors",
+    ):
         assert f"components/{source}.py" in finetune, source
-    assert "components/validate.py" not in finetune and "components/stages.py" not in finetune
+    assert (
+        "components/data/validate/__init__.py" not in finetune
+        and "components/stages.py" not in finetune
+    )
     # A module imported only inside a function counts too; one outside `components` does not.
     package = tmp_path / "components"
     package.mkdir()
     (package / "a.py").write_text("import numpy\n\ndef f():\n    from components import b\n")
-    (package / "b.py").write_text("from components.c import x\n")
+    (package / "b.py").write_text("from components.c import x\nfrom components.sub import e\n")
     (package / "c.py").write_text("x = 1\n")
     (package / "d.py").write_text("")
+    # A sub-package: its modules count, its empty __init__.py does not, a non-empty one does.
+    (package / "sub").mkdir()
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "e.py").write_text("from components.pkg import f\n")
+    (package / "pkg").mkdir()
+    (package / "pkg" / "__init__.py").write_text("f = 1\n")
     found = code_files(("components.a",), root=tmp_path)
-    assert found == ["components/a.py", "components/b.py", "components/c.py"]
+    assert found == [
+        "components/a.py",
+        "components/b.py",
+        "components/c.py",
+        "components/pkg/__init__.py",
+        "components/sub/e.py",
+    ]
 
 
 def test_bad_params_name_the_file_and_field(tmp_path: Path):
@@ -141,7 +163,7 @@ def test_dvc_repro_runs_every_stage_then_nothing_and_compares_experiments(
     assert (work / "artifacts" / "pretrain" / "model" / "model.safetensors").is_file()
     assert (work / "artifacts" / "finetune" / "model" / "model.safetensors").is_file()
     evaluated = json.loads((work / "metrics" / "evaluate.json").read_text())
-    assert 0 <= evaluated["recall_at_100"] <= 1 and 0 <= evaluated["bm25_recall_at_100"] <= 1
+    assert {"recall_at_100", "bm25_recall_at_100", "gauc"} <= evaluated.keys()
     assert (work / "dvc.lock").is_file()
     second = run(BIN / "dvc", "repro")
     assert "Running stage" not in second.stdout
@@ -155,6 +177,10 @@ def test_dvc_repro_runs_every_stage_then_nothing_and_compares_experiments(
     assert parent.data.tags["stages"] == ",".join(s.name for s in STAGES)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["stage"] for r in children) == sorted(s.name for s in STAGES)
+    # What DVC shows is what MLflow recorded: the evaluate run's figures, to the last digit.
+    (evaluate_run,) = [r for r in children if r.data.tags["stage"] == "evaluate"]
+    for key in ("gauc", "recall_at_100", "bm25_recall_at_100"):
+        assert evaluate_run.data.metrics[key] == pytest.approx(evaluated[key], rel=1e-12), key
 
     # Metrics and plot data are in git: a DVC experiment's commit holds its own, so DVC
     # compares experiments with numbers (not `!`).
@@ -201,7 +227,7 @@ def test_prefect_flow_runs_stages_nested_under_one_pipeline_run(
     from prefect.logging.handlers import APILogHandler
     from prefect.testing.utilities import prefect_test_harness
 
-    from components.baselines import NAMES
+    from components.retrieval.baselines import NAMES
     from flows.ace import ace
 
     overrides = {
@@ -223,7 +249,7 @@ def test_prefect_flow_runs_stages_nested_under_one_pipeline_run(
     assert results["validate"]["products_kept"] > 0
 
     # The Prefect UI's view: progress lines in the tasks' logs, figures as artifacts.
-    progress = [log for log in logs if log.name == "components.features"]
+    progress = [log for log in logs if log.name == "components.features.features"]
     assert progress and all(log.task_run_id is not None for log in progress)
     assert progress[-1].message.startswith(f"features: {results['features']['n_products']:.0f}/")
     by_key = {a.key: a for a in artifacts}

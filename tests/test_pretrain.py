@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -13,12 +14,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from components import pretrain as pt
-from components.clicklog import split_days
-from components.config import FeaturesConfig, Params, SplitConfig, load_params
-from components.features import FeatureStore, build_features
-from components.modeling import CeBertModel
-from components.pretrain import (
+from components.config import FeaturesConfig, SplitConfig
+from components.data.clicklog import split_days
+from components.features.features import FeatureStore, build_features
+from components.models.modeling import CeBertModel
+from components.models.tokenizer import SPECIAL_TOKENS, train_wordpiece
+from components.retrieval.retrieval import encode_texts
+from components.training import pretrain as pt
+from components.training.pretrain import (
     PairDataset,
     build_model,
     mask_tokens,
@@ -26,9 +29,7 @@ from components.pretrain import (
     split_products,
     training_texts,
 )
-from components.retrieval import encode_texts
-from components.tokenizer import SPECIAL_TOKENS, train_wordpiece
-from tests.conftest import ROOT
+from tests.conftest import make_params
 
 N_PRODUCTS = 40
 TINY = {  # a model that trains in well under a second per dozen steps on CPU
@@ -65,18 +66,7 @@ def world(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return artifacts
 
 
-def _params(world: Path, tiny_world: Path, **overrides: object) -> Params:
-    return load_params(
-        ROOT / "params.yaml",
-        {
-            "synth.scale": "tiny",
-            "paths.data_dir": str(tiny_world),
-            "paths.artifacts_dir": str(world),
-            "model.variant": "cebert",
-            **TINY,
-            **overrides,
-        },
-    )
+_params = partial(make_params, ({"synth.scale": "tiny", "model.variant": "cebert", **TINY},))
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +354,6 @@ def test_tiny_run_learns_and_writes_a_loadable_model(world: Path, tiny_world: Pa
         last = np.mean([h[key] for h in history[-8:]])
         assert last < first - 0.05, key
     assert metrics["eval_tip_majority_baseline"] == 0.75
-    assert 0 <= metrics["eval_tip_auc"] <= 1 and 0 <= metrics["eval_mlm_accuracy"] <= 1
     assert metrics["n_eval_products"] == 8 and metrics["samples_per_second"] > 0
 
     # Held-out MLM and MPM beat the same model untrained (same seed, same held-out pairs).

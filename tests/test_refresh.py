@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-import components.gate
-from components import tracking
-from components.clicklog import split_days
+import components.ops.gate
 from components.config import AppendConfig
-from components.gate import CHAMPION, gate, served_figures
-from components.monitor import monitor
-from components.world.append import append_days
+from components.data.clicklog import split_days
+from components.data.world.append import append_days
+from components.ops import tracking
+from components.ops.gate import CHAMPION, gate, served_figures
+from components.ops.monitor import monitor
 from tests.conftest import ROOT, TRAINED_FEATURES, trained_overrides, trained_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,7 +64,7 @@ def test_refresh_makes_new_products_searchable_through_the_gate(
             raise RuntimeError("the machine went away")
 
         with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="went away"):
-            patch.setattr(components.gate, "check", crash)
+            patch.setattr(components.ops.gate, "check", crash)
             refresh_index(params_file=params_file, overrides=overrides)
         assert _aliases() == {CHAMPION: champion}  # the previous index still serves
 

@@ -13,9 +13,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components.config import AppendConfig, ConfigError, load_params
-from components.monitor import SEARCH_REPORT, SUMMARY, ctr_by_position, oov_rate
-from components.world import generate_world
-from components.world.append import append_days
+from components.data.world import generate_world
+from components.data.world.append import append_days
+from components.ops.monitor import SEARCH_REPORT, SUMMARY, ctr_by_position, oov_rate
 from tests.conftest import ROOT, TINY_OVERRIDES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,7 +119,7 @@ def _versions(name: str = "ace") -> int:
 def test_retrain_takes_each_branch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from prefect.testing.utilities import prefect_test_harness
 
-    import components.finetune
+    import components.training.finetune
     from flows.ace import ace
     from flows.retrain import retrain
 
@@ -149,7 +149,7 @@ def test_retrain_takes_each_branch(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             raise RuntimeError("the machine went away")
 
         with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="went away"):
-            patch.setattr(components.finetune, "finetune", crash)
+            patch.setattr(components.training.finetune, "finetune", crash)
             retrain(params_file=params_file, overrides=overrides)
         assert _aliases() == {"champion": "1"} and _versions() == 1
         assert (artifacts / "index" / "products.faiss").read_bytes() == index_before

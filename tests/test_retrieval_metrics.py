@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from components.bm25 import Bm25Retriever, tokenize
 from components.errors import DataError
-from components.retrieval_metrics import exact_top_k, gauc, ranking_metrics, relevant_sets
+from components.retrieval.bm25 import Bm25Retriever, tokenize
+from components.retrieval.retrieval_metrics import exact_top_k, gauc, ranking_metrics, relevant_sets
 
 
 def _impressions_with_ties(seed: int) -> tuple[pd.DataFrame, np.ndarray]:

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from components.errors import AceError
-from components.search import RESULT_SCHEMA, search_file
-from components.serving import UNKNOWN_WORDS
+from components.serving.search import RESULT_SCHEMA, search_file
+from components.serving.serving import UNKNOWN_WORDS
 from tests import test_gate
 from tests.conftest import ROOT
 from tests.test_gate import BIN, _params

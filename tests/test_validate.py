@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components import contract
-from components import validate as validate_module
 from components.config import ValidateConfig
+from components.data import contract
+from components.data import validate as validate_module
+from components.data.validate import ValidationReport, validate_data
 from components.errors import DataError
-from components.validate import ValidationReport, validate_data
 from tests.validate_fixtures import (
     clean_tables,
     insert_row,
@@ -357,7 +357,7 @@ def test_output_replaced_atomically(data_dir, tmp_path, monkeypatch):
         (staging / "products.parquet").write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(validate_module, "_write_outputs", crash)
+    monkeypatch.setattr(validate_module, "write_outputs", crash)
     with pytest.raises(OSError, match="disk full"):
         validate_data(data_dir, out, ValidateConfig())
     assert pd.read_parquet(out / "products.parquet").shape == (20, 4)  # previous output intact

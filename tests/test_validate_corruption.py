@@ -19,8 +19,8 @@ import pyarrow as pa
 import pytest
 
 from components.config import ValidateConfig
+from components.data.validate import validate_data
 from components.errors import DataError
-from components.validate import validate_data
 from tests.validate_fixtures import clean_tables, write_tables
 
 HOSTILE_VALUES = [

@@ -19,10 +19,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from components import plot_data, report, tracking
-from components.config import Params, load_params
+from components.config import Params
+from components.ops import plot_data, report, tracking
 from components.stages import CHARTS, COMPARISON, STAGES, render_dvc_yaml
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_params
 
 BIN = Path(sys.executable).parent
 
@@ -50,13 +50,6 @@ EVALUATED = {
     "image_queries": 40.0,
     "n_products": 3000.0,
 }
-
-
-def _params(tmp_path: Path, **overrides: object) -> Params:
-    return load_params(
-        ROOT / "params.yaml",
-        {"paths.artifacts_dir": str(tmp_path / "artifacts"), **overrides},
-    )
 
 
 def test_metric_keys_split_into_model_slice_and_metric():
@@ -100,7 +93,7 @@ def test_the_model_is_compared_with_the_strongest_baseline_per_metric():
 
 
 def test_report_shows_baselines_gate_and_champion(tmp_path: Path):
-    params = _params(tmp_path)
+    params = make_params((), tmp_path / "artifacts")
     assert "No evaluation yet" in report.render(params)
 
     metrics = params.paths.metrics_dir / "evaluate.json"
@@ -236,7 +229,7 @@ def test_fine_tuning_loads_the_encoder_without_a_load_report(
 ):
     import transformers
 
-    from components.modeling import AceBertForRetrieval, CeBertForPreTraining, CeBertModel
+    from components.models.modeling import AceBertForRetrieval, CeBertForPreTraining, CeBertModel
     from tests.test_modeling import _config
 
     CeBertForPreTraining(_config()).save_pretrained(tmp_path)

@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 
 from components.config import ConfigError, SynthConfig, load_params
-from components.contract import IMPRESSION_COLUMNS, PRODUCT_COLUMNS
-from components.world import WorldSummary, generate_world, vocab
-from components.world.catalog import sample_catalog
-from components.world.clicks import build_pools, simulate_day
-from components.world.images import RenderSettings, draw_product
-from components.world.text import make_queries
+from components.data.contract import IMPRESSION_COLUMNS, PRODUCT_COLUMNS
+from components.data.world import WorldSummary, generate_world, vocab
+from components.data.world.catalog import sample_catalog
+from components.data.world.clicks import build_pools, simulate_day
+from components.data.world.images import RenderSettings, draw_product
+from components.data.world.text import make_queries
 
 ROOT = Path(__file__).resolve().parents[1]
 
