@@ -19,6 +19,7 @@ import yaml
 
 from components.config import Params
 from components.data import contract
+from components.data.clicklog import validated_table
 from components.errors import AceError
 from components.ops import plot_data, report, tracking
 from components.training import distributed
@@ -109,7 +110,7 @@ def stage_dir(params: Params, name: str) -> Path:
 def _features(params: Params) -> Metrics:
     from components.features.features import build_features
 
-    products = pd.read_parquet(stage_dir(params, "validate") / "products.parquet")
+    products = validated_table(params.paths.artifacts_dir, "products")
     truth_file = params.paths.data_dir / contract.TRUTH_DIR / "products.parquet"
     truth = pd.read_parquet(truth_file) if truth_file.exists() else None  # diagnostics only
     out_dir = stage_dir(params, "features")

@@ -2,6 +2,9 @@
 and the text of a product as the towers read it. Pure pandas / numpy: the baselines and the
 evaluator use it without touching the models.
 
+- Every stage after validate reads the validated tables through `validated_table`, and those
+  that work on the periods through `load_validated` (the tables and the split in one call).
+
 - The click log splits by day: the last `test_days` days are the test period (the paper's "next
   days"), the `val_days` before them the validation period (early stopping and every tuning
   choice); everything a model learns from (click pairs, hot queries) comes from the
@@ -15,11 +18,13 @@ evaluator use it without touching the models.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from components.config import SplitConfig
+from components.config import Params, SplitConfig
 from components.errors import DataError
 
 
@@ -30,6 +35,33 @@ class Periods:
     train: pd.DataFrame
     val: pd.DataFrame
     test: pd.DataFrame
+
+
+VALIDATED_DIR = "validate"  # the validate stage's folder under paths.artifacts_dir
+PRODUCTS_FILE = "products.parquet"
+IMPRESSIONS_FILE = "impressions.parquet"
+
+
+def validated_table(artifacts: Path, table: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """The validate stage's kept rows of one table ("products" or "impressions")."""
+    name = {"products": PRODUCTS_FILE, "impressions": IMPRESSIONS_FILE}[table]
+    return pd.read_parquet(Path(artifacts) / VALIDATED_DIR / name, columns=columns)
+
+
+class Validated(NamedTuple):
+    products: pd.DataFrame
+    impressions: pd.DataFrame
+    periods: Periods
+
+
+def load_validated(params: Params) -> Validated:
+    """The prologue of the stages that learn or measure on the periods: both validated tables,
+    and the click log split by `params.split`."""
+    artifacts = params.paths.artifacts_dir
+    impressions = validated_table(artifacts, "impressions")
+    return Validated(
+        validated_table(artifacts, "products"), impressions, split_days(impressions, params.split)
+    )
 
 
 def split_days(impressions: pd.DataFrame, split: SplitConfig) -> Periods:

@@ -23,8 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +34,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from components.atomic import publish_dir
 from components.config import FeaturesConfig, Params
 from components.errors import DataError
 from components.features.backbones import PatchEncoder
@@ -176,9 +175,10 @@ def build_features(
     encoder = load_patch_encoder(cfg.backbone, cfg.device, cfg.patch_input)
     batch = cfg.batch_size or None
     n = len(products)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    report: FeaturesReport | None = None
+
+    def write(work: Path) -> None:
+        nonlocal report
         arrays = {
             v: np.lib.format.open_memmap(
                 work / patches_file(v), "w+", np.float16, (n, cfg.n_patches, encoder.feature_dim)
@@ -314,10 +314,9 @@ def build_features(
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if cfg.samples_logged:
             write_sample_sheet(products.head(cfg.samples_logged), data_dir, index, cfg.grid, work)
-        _swap_in(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+
+    publish_dir(out_dir, write)
+    assert report is not None
     return report
 
 
@@ -359,17 +358,6 @@ def _truth_iou(index: pd.DataFrame, truth: pd.DataFrame) -> tuple[float, float]:
         ]
     )
     return float(scores.mean()), float((scores >= 0.7).mean())
-
-
-def _swap_in(work: Path, out_dir: Path) -> None:
-    """Replace out_dir by work with two renames, so a crash leaves one whole store."""
-    old = out_dir.with_name(f".{out_dir.name}-old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(work, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def draw_roi(image_bgr: np.ndarray, box: Box, grid: int) -> np.ndarray:

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from components.errors import AceError
 from components.ops import tracking
+from components.ops.plots import figure
 from components.retrieval.baselines import NAMES as BASELINES
 from components.retrieval.evaluator import PERIOD_PREFIX
 
@@ -149,10 +150,6 @@ def write(comparison: Comparison, out_dir: Path) -> list[Path]:
 def plot_adversarial_curves(experiment: str, data_version: str | None, path: Path) -> bool:
     """Paper Fig. 6: semantic-matching loss per step, without vs with the adversary (mean over
     seeds, smoothed). False when no finetune run of a pair's variants exists."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     experiment_id = tracking.use_experiment(experiment)
     client = MlflowClient()
@@ -170,23 +167,19 @@ def plot_adversarial_curves(experiment: str, data_version: str | None, path: Pat
     pairs = [p for p in ADVERSARIAL_PAIRS if all(v in curves for v in p)]
     if not pairs:
         return False
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 3.5), squeeze=False)
-    for ax, pair in zip(axes[0], pairs, strict=True):
-        for variant in pair:
-            length = min(len(c) for c in curves[variant])
-            mean = np.mean([c[:length] for c in curves[variant]], axis=0)
-            width = max(1, length // 40)
-            smooth = np.convolve(mean, np.ones(width) / width, mode="valid")
-            label = (
-                f"{variant} ({'with' if variant in ('acebert', 'cebert_adv') else 'without'} adv.)"
-            )
-            ax.plot(np.arange(width, length + 1), smooth, label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("semantic matching loss (Eq. 5)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, 1, len(pairs), figsize=(5 * len(pairs), 3.5), squeeze=False) as (fig, axes):
+        for ax, pair in zip(axes[0], pairs, strict=True):
+            for variant in pair:
+                length = min(len(c) for c in curves[variant])
+                mean = np.mean([c[:length] for c in curves[variant]], axis=0)
+                width = max(1, length // 40)
+                smooth = np.convolve(mean, np.ones(width) / width, mode="valid")
+                adversary = "with" if variant in ("acebert", "cebert_adv") else "without"
+                label = f"{variant} ({adversary} adv.)"
+                ax.plot(np.arange(width, length + 1), smooth, label=label)
+            ax.set_xlabel("step")
+            ax.set_ylabel("semantic matching loss (Eq. 5)")
+            ax.legend()
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
     return True

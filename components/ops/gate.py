@@ -39,7 +39,7 @@ from mlflow.tracking import MlflowClient
 
 from components.atomic import readable_dir
 from components.config import Params
-from components.data.clicklog import split_days
+from components.data.clicklog import load_validated
 from components.errors import DataError
 from components.ops import tracking
 from components.retrieval.evaluator import EmbeddingRanker, RetrievalEvaluator
@@ -257,8 +257,7 @@ def gate(params: Params, out_dir: Path) -> dict[str, float]:
     student_dir, index_dir = artifacts / "distill" / "student", artifacts / "index"
     tower_dir = artifacts / "finetune" / "model"
     fidelity = student_fidelity(student_dir)
-    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
-    periods = split_days(impressions, params.split)
+    periods = load_validated(params).periods
     test = periods.test
     limits, max_query_len = params.serving.limits, params.finetune.max_query_len
     settings = {"max_query_len": max_query_len, "limits": limits.model_dump()}

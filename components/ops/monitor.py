@@ -41,10 +41,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components.config import ModelConfig, Params
+from components.data.clicklog import validated_table
 from components.errors import AceError, DataError
 from components.features.features import FeatureStore
 from components.ops import tracking
 from components.ops.gate import CHAMPION, LAST_DAY, TRAIN_FIRST_DAY, TRAIN_LAST_DAY, evaluate_served
+from components.ops.plots import figure
 from components.retrieval.retrieval import embed_with_tower
 from components.serving.serving import PRODUCT_TOWER_ARTIFACT
 
@@ -144,21 +146,16 @@ def _evidently(
 
 
 def _plot_ctr(reference: pd.Series, current: pd.Series, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(reference.index, reference.to_numpy(), marker="o", label="reference (training days)")
-    ax.plot(current.index, current.to_numpy(), marker="o", label="new days")
-    ax.set_xlabel("position")
-    ax.set_ylabel("click-through rate")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, figsize=(5, 3.5)) as (fig, ax):
+        ax.plot(
+            reference.index, reference.to_numpy(), marker="o", label="reference (training days)"
+        )
+        ax.plot(current.index, current.to_numpy(), marker="o", label="new days")
+        ax.set_xlabel("position")
+        ax.set_ylabel("click-through rate")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
 
 
 def monitor(params: Params, out_dir: Path) -> DriftSummary:
@@ -169,7 +166,7 @@ def monitor(params: Params, out_dir: Path) -> DriftSummary:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     version, tags = champion_version(params)
-    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
+    impressions = validated_table(artifacts, "impressions")
     first, last, seen = (int(tags[t]) for t in (TRAIN_FIRST_DAY, TRAIN_LAST_DAY, LAST_DAY))
     reference = impressions[impressions["day"].between(first, last)]
     current = impressions[impressions["day"] > seen]
@@ -216,7 +213,7 @@ def monitor(params: Params, out_dir: Path) -> DriftSummary:
     variant = ModelConfig(variant=tags.get("variant", params.model.variant))
     tower = served.artifacts[PRODUCT_TOWER_ARTIFACT]
     product_emb = _embed_products(params, variant, tower, clicks)
-    products = pd.read_parquet(artifacts / "validate" / "products.parquet")
+    products = validated_table(artifacts, "products")
     category = dict(zip(products["product_id"], products["category"], strict=True))
 
     def click_frame(window: str) -> pd.DataFrame:
@@ -301,7 +298,7 @@ def _embed_products(
 ) -> dict[str, np.ndarray]:
     """The clicked products under the champion's product tower, new products included."""
     artifacts = params.paths.artifacts_dir
-    products = pd.read_parquet(artifacts / "validate" / "products.parquet")
+    products = validated_table(artifacts, "products")
     wanted = set(clicks["reference"]["product_id"]) | set(clicks["current"]["product_id"])
     embedded = embed_with_tower(
         Path(tower_dir),
@@ -365,9 +362,7 @@ RETRAIN_KEY = "retrain_key"
 def retrain_key(params: Params, champion: str) -> str:
     """What a retrain attempt is about: the data (version, rows, last day), the champion it
     challenges, the params and the code. Change any and it is a new attempt."""
-    impressions = pd.read_parquet(
-        params.paths.artifacts_dir / "validate" / "impressions.parquet", columns=["day"]
-    )
+    impressions = validated_table(params.paths.artifacts_dir, "impressions", columns=["day"])
     parts = [
         tracking.data_version(),
         str(len(impressions)),

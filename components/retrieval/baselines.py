@@ -37,8 +37,8 @@ from components.data.clicklog import (
     click_pairs,
     hot_queries,
     leave_one_out_texts,
+    load_validated,
     product_text,
-    split_days,
 )
 from components.errors import AceError
 from components.features.backbones import resolve_device
@@ -80,13 +80,11 @@ def run_baselines(params: Params, out_dir: Path, progress: bool = True) -> dict[
     cfg = params.baselines
     device = resolve_device(cfg.device)
     artifacts = params.paths.artifacts_dir
-    products = pd.read_parquet(artifacts / "validate" / "products.parquet")
-    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
+    products, _, periods = load_validated(params)
     store = FeatureStore(artifacts / "features")
     catalogue = products[products["product_id"].isin(store.row_of)].sort_values("product_id")
     product_ids = list(catalogue["product_id"])
     titles = list(catalogue["title"].astype(str))
-    periods = split_days(impressions, params.split)
     hot = hot_queries(periods.train, params.finetune.hot_queries)
     evaluators = period_evaluators(params, periods, product_ids)
 

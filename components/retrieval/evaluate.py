@@ -24,11 +24,12 @@ import pandas as pd
 
 from components.config import Params
 from components.data import contract
-from components.data.clicklog import split_days
+from components.data.clicklog import load_validated
 from components.errors import DataError
 from components.features.backbones import resolve_device
 from components.features.features import FeatureStore
 from components.ops.plot_data import RECALL, write_recall_curves
+from components.ops.plots import figure
 from components.retrieval.ann import build_index
 from components.retrieval.baselines import LABELS, RESULTS_FILE
 from components.retrieval.evaluator import (
@@ -65,10 +66,8 @@ def evaluate_retriever(params: Params, out_dir: Path, progress: bool = True) -> 
     model, tokenizer = load_retriever(model_dir)
     model.to(device)
     hot = json.loads((model_dir / HOT_QUERIES_FILE).read_text(encoding="utf-8"))
-    products = pd.read_parquet(artifacts / "validate" / "products.parquet")
-    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
+    products, _, periods = load_validated(params)
     store = FeatureStore(artifacts / "features")
-    periods = split_days(impressions, params.split)
     catalogue = Catalogue.build(
         products, store, params.model, tokenizer, hot, params.finetune.max_product_text_len
     )
@@ -154,11 +153,6 @@ def modality_diagnostics(
 def plot_modality_weights(
     image_weight: np.ndarray, catalogue: Catalogue, data_dir: Path, path: Path
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tells = _title_tells(catalogue, data_dir)
     groups = (
         {"all products": image_weight}
@@ -168,15 +162,13 @@ def plot_modality_weights(
             "title omits or misstates them": image_weight[~tells],
         }
     )
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for name, values in groups.items():
-        ax.hist(values, bins=40, range=(0, 1), alpha=0.6, density=True, label=name)
-    ax.set_xlabel("image weight of modal adaptation")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, figsize=(5.5, 3.5)) as (fig, ax):
+        for name, values in groups.items():
+            ax.hist(values, bins=40, range=(0, 1), alpha=0.6, density=True, label=name)
+        ax.set_xlabel("image weight of modal adaptation")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
 
 
 def _baseline_results(artifacts: Path, test_digest: str) -> dict | None:
@@ -207,22 +199,15 @@ def _query_categories(test: pd.DataFrame, catalogue: Catalogue) -> dict[str, str
 
 
 def plot_recall_curves(curves: dict[str, np.ndarray], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, curve in curves.items():
-        ax.plot(np.arange(1, len(curve) + 1), curve, label=name.rstrip("_"))
-    ax.set_xlabel("K")
-    ax.set_ylabel("Recall@K")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, figsize=(5, 3.5)) as (fig, ax):
+        for name, curve in curves.items():
+            ax.plot(np.arange(1, len(curve) + 1), curve, label=name.rstrip("_"))
+        ax.set_xlabel("K")
+        ax.set_ylabel("Recall@K")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
 
 
 def plot_embedding_map(
@@ -236,10 +221,7 @@ def plot_embedding_map(
     path: Path,
 ) -> None:
     """t-SNE of a sample of queries and products together, coloured by category (paper Fig. 7)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
     from sklearn.manifold import TSNE
 
     rng = np.random.default_rng(seed)
@@ -254,15 +236,13 @@ def plot_embedding_map(
     ).fit_transform(stacked)
     labels = [query_categories[i] for i in q_rows] + [product_categories[i] for i in p_rows]
     names = sorted(set(labels))
-    palette = plt.get_cmap("tab20", max(1, len(names)))
+    palette = colormaps["tab20"].resampled(max(1, len(names)))
     colour = np.array([palette(names.index(c)) for c in labels])
     n_q = len(q_rows)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    ax.scatter(xy[n_q:, 0], xy[n_q:, 1], c=colour[n_q:], s=8, marker="o", alpha=0.5)
-    ax.scatter(xy[:n_q, 0], xy[:n_q, 1], c=colour[:n_q], s=14, marker="x", alpha=0.9)
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, figsize=(7, 6)) as (fig, ax):
+        ax.scatter(xy[n_q:, 0], xy[n_q:, 1], c=colour[n_q:], s=8, marker="o", alpha=0.5)
+        ax.scatter(xy[:n_q, 0], xy[:n_q, 1], c=colour[:n_q], s=14, marker="x", alpha=0.9)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.tight_layout()

@@ -24,7 +24,7 @@ import pandas as pd
 
 from components.atomic import publish_dir, readable_dir
 from components.config import Params
-from components.data.clicklog import split_days
+from components.data.clicklog import split_days, validated_table
 from components.errors import DataError
 from components.retrieval.ann import build_index
 from components.retrieval.retrieval import (
@@ -83,7 +83,7 @@ def build(params: Params, out_dir: Path, progress: bool = True) -> dict[str, flo
     build_seconds = time.perf_counter() - built
     log.info("index: built in %.1f s; embedding the hot queries", build_seconds)
 
-    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
+    impressions = validated_table(artifacts, "impressions")
     periods = split_days(impressions, params.split)
     train, test = periods.train, periods.test
     hot = hot_cache_queries(train, cfg.hot_traffic_share, cfg.hot_max_queries)

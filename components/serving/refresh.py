@@ -24,11 +24,10 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from components.config import ModelConfig, Params, ServingLimits
-from components.data.clicklog import split_days
+from components.data.clicklog import split_days, validated_table
 from components.errors import AceError, DataError
 from components.features.backbones import resolve_device
 from components.features.features import FeatureStore
@@ -79,7 +78,7 @@ def refresh(params: Params, out_dir: Path, progress: bool = True) -> dict[str, f
             "products with: retrain (`ace pipeline run`) to refresh it"
         )
     artifacts = params.paths.artifacts_dir
-    products = pd.read_parquet(artifacts / "validate" / "products.parquet")
+    products = validated_table(artifacts, "products")
     new = products[~products["product_id"].isin(set(served.retriever.product_ids))]
     figures = {
         "champion_version": float(champion.version),
@@ -115,7 +114,7 @@ def refresh(params: Params, out_dir: Path, progress: bool = True) -> dict[str, f
     settings = json.loads(settings_file.read_text(encoding="utf-8"))
     limits = ServingLimits.model_validate(settings.get("limits", {}))
     max_query_len = int(settings["max_query_len"])
-    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
+    impressions = validated_table(artifacts, "impressions")
     test_rows = split_days(impressions, params.split).test
     identity = bundle_hash(
         bundle[STUDENT_ARTIFACT],

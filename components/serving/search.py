@@ -44,7 +44,9 @@ import pyarrow.parquet as pq
 
 from components.atomic import publish_file
 from components.config import Params
+from components.data.clicklog import validated_table
 from components.errors import AceError, DataError
+from components.ops.plots import figure
 
 FORMATS = (".txt", ".csv", ".parquet")
 RESULT_SCHEMA = pa.schema(
@@ -88,7 +90,7 @@ def search_titles(
         found = model.predict(pd.DataFrame({"query": [query], "k": [k]}))
     except MlflowException as err:
         raise AceError(err.message) from err
-    products = pd.read_parquet(params.paths.artifacts_dir / "validate" / "products.parquet")
+    products = validated_table(params.paths.artifacts_dir, "products")
     products = products.set_index("product_id")
     ids, scores = found["product_ids"][0], found["scores"][0]
     results = pd.DataFrame(
@@ -107,27 +109,20 @@ def search_titles(
 
 def contact_sheet(params: Params, results: pd.DataFrame, query: str, path: Path) -> None:
     import cv2
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     n = max(1, len(results))
     cols = min(5, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, row in zip(axes.ravel(), results.itertuples(), strict=False):
-        image = cv2.imread(str(params.paths.data_dir / str(row.image_path)))
-        if image is not None:
-            ax.imshow(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-        ax.set_title(f"{row.score:.2f} {str(row.title)[:28]}", fontsize=6)
-    fig.suptitle(f"ace search: {query!r}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False) as (fig, axes):
+        for ax in axes.ravel():
+            ax.axis("off")
+        for ax, row in zip(axes.ravel(), results.itertuples(), strict=False):
+            image = cv2.imread(str(params.paths.data_dir / str(row.image_path)))
+            if image is not None:
+                ax.imshow(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+            ax.set_title(f"{row.score:.2f} {str(row.title)[:28]}", fontsize=6)
+        fig.suptitle(f"ace search: {query!r}", fontsize=9)
+        fig.tight_layout()
 
 
 # --- batch search -------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from components.atomic import publish_dir
+
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"  # what save_pretrained writes for models this size
@@ -38,17 +40,17 @@ def save(
     fingerprint: str,
     history: list[dict[str, float]],
 ) -> Path:
-    """Write step-N/ aside, rename it in, then drop older checkpoints. `states`: state dicts."""
-    root.mkdir(parents=True, exist_ok=True)
-    work = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(work, ignore_errors=True)
-    model.save_pretrained(work)
-    tokenizer.save_pretrained(work)
-    torch.save(states, work / STATE_PT)
-    state = {"step": step, "fingerprint": fingerprint, "history": history}
-    (work / STATE_JSON).write_text(json.dumps(state) + "\n", encoding="utf-8")
+    """Write step-N/ aside, swap it in, then drop older checkpoints. `states`: state dicts."""
+
+    def write(work: Path) -> None:
+        model.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        torch.save(states, work / STATE_PT)
+        state = {"step": step, "fingerprint": fingerprint, "history": history}
+        (work / STATE_JSON).write_text(json.dumps(state) + "\n", encoding="utf-8")
+
     final = root / f"step-{step:07d}"
-    work.rename(final)
+    publish_dir(final, write)
     for old in root.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -89,12 +91,8 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
 
 
 def replace_tree(source: Path, target: Path) -> None:
-    """Copy `source` over `target` via a sibling temporary folder and a rename."""
-    work = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(source, work)
-    shutil.rmtree(target, ignore_errors=True)
-    work.rename(target)
+    """Copy `source` over `target`, swapped in whole (components/atomic.py)."""
+    publish_dir(target, lambda work: shutil.copytree(source, work, dirs_exist_ok=True))
 
 
 def keep_finished(out_dir: Path, finished: Path, keep: int = KEEP_FINISHED) -> None:

@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from components.config import Params
-from components.data.clicklog import split_days
+from components.data.clicklog import load_validated
 from components.errors import AceError
 from components.features.backbones import resolve_device
 from components.features.features import FeatureStore
@@ -141,9 +140,7 @@ def distill(params: Params, out_dir: Path, progress: bool = True) -> dict[str, f
     torch.manual_seed(cfg.seed)
     student = make_student(teacher, layers).to(device)
 
-    products = pd.read_parquet(artifacts / "validate" / "products.parquet")
-    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
-    periods = split_days(impressions, params.split)
+    products, _, periods = load_validated(params)
     train = periods.train
     hot = json.loads((teacher_dir / HOT_QUERIES_FILE).read_text(encoding="utf-8"))
     store = FeatureStore(artifacts / "features")

@@ -49,7 +49,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from transformers import BertTokenizerFast
@@ -60,7 +59,7 @@ from components.data.clicklog import (
     click_pairs,
     hot_queries,
     leave_one_out_texts,
-    split_days,
+    load_validated,
 )
 from components.errors import AceError, DataError
 from components.features.backbones import resolve_device
@@ -158,10 +157,8 @@ def finetune(
     pretrained = artifacts / "pretrain" / "model"
     if not (pretrained / "config.json").exists():
         raise DataError(f"{pretrained}: no pre-trained CE-BERT here (run the pretrain stage)")
-    products = pd.read_parquet(artifacts / "validate" / "products.parquet")
-    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
+    products, _, periods = load_validated(params)
     store = FeatureStore(artifacts / "features")
-    periods = split_days(impressions, params.split)
     hot = hot_queries(periods.train, cfg.hot_queries) if model_cfg.hot_queries else {}
 
     tokenizer = BertTokenizerFast.from_pretrained(pretrained)

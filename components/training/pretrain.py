@@ -55,7 +55,7 @@ from torch import nn
 from transformers import BertConfig, BertTokenizerFast
 
 from components.config import ModelConfig, Params, PretrainConfig
-from components.data.clicklog import split_days
+from components.data.clicklog import split_days, validated_table
 from components.errors import AceError, DataError
 from components.features.backbones import resolve_device
 from components.features.features import FeatureStore
@@ -330,8 +330,8 @@ def pretrain(
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
     artifacts = params.paths.artifacts_dir
-    products = pd.read_parquet(artifacts / "validate" / "products.parquet")
-    impressions = pd.read_parquet(artifacts / "validate" / "impressions.parquet")
+    products = validated_table(artifacts, "products")
+    impressions = validated_table(artifacts, "impressions")
     store = FeatureStore(artifacts / "features")
     products = products[products.product_id.isin(store.row_of)]  # failed images are not in it
     fingerprint = _fingerprint(params, products, impressions, store)

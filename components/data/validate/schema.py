@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from components.data import contract
+from components.data.clicklog import IMPRESSIONS_FILE, PRODUCTS_FILE
 
-PRODUCTS_FILE = "products.parquet"
-IMPRESSIONS_FILE = "impressions.parquet"
+__all__ = ["IMPRESSIONS_FILE", "PRODUCTS_FILE"]  # what later stages read (clicklog.validated_table)
 QUARANTINE_FILE = "quarantine.parquet"
 REPORT_FILE = "validation.json"
 DATA_DOCS_DIR = "data_docs"
