@@ -48,8 +48,8 @@ import psutil
 import torch
 
 from components.config import FeaturesConfig, load_params
+from components.features import features as F
 from components.features.backbones import PatchEncoder, load_patch_encoder
-from components.features.features import features as F
 from components.features.roi import detect_roi, grid_boxes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -230,7 +230,7 @@ def test_fine_tuning_loads_the_encoder_without_a_load_report(
     import transformers
 
     from components.models.modeling import AceBertForRetrieval, CeBertForPreTraining, CeBertModel
-    from tests.test_modeling import _config
+    from tests.model.test_modeling import _config
 
     CeBertForPreTraining(_config()).save_pretrained(tmp_path)
     transformers.utils.logging.enable_propagation()
@@ -242,3 +242,18 @@ def test_fine_tuning_loads_the_encoder_without_a_load_report(
             assert "LOAD REPORT" in caplog.text
     finally:
         transformers.utils.logging.disable_propagation()
+
+
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path: Path):
+    import matplotlib.pyplot as plt
+
+    from components.ops.plots import figure
+
+    open_before = len(plt.get_fignums())
+    with figure(tmp_path / "new" / "ok.png", 1, 2, figsize=(3, 2)) as (_, axes):
+        axes[0].plot([0, 1], [0, 1])
+    assert (tmp_path / "new" / "ok.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="drawing failed"), figure(tmp_path / "bad.png") as _:
+        raise ValueError("drawing failed")
+    assert not (tmp_path / "bad.png").exists()
+    assert len(plt.get_fignums()) == open_before  # both closed

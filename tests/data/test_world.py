@@ -20,8 +20,7 @@ from components.data.world.catalog import sample_catalog
 from components.data.world.clicks import build_pools, simulate_day
 from components.data.world.images import RenderSettings, draw_product
 from components.data.world.text import make_queries
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 def _share_tolerance(p: float, n: int) -> float:

@@ -30,7 +30,7 @@ from components.data.importers import (
 from components.data.validate import validate_data
 from components.errors import AceError, DataError
 from tests.conftest import ROOT, TINY_OVERRIDES
-from tests.validate_fixtures import write_image
+from tests.data.validate_fixtures import write_image
 
 CFG = ImportConfig()
 BIN = Path(sys.executable).parent

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from components.config import IndexConfig
-from components.retrieval.retrieval import index as ix
+from components.retrieval import index as ix
 from components.retrieval.retrieval_metrics import exact_top_k
 
 

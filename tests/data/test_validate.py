@@ -17,7 +17,7 @@ from components.data import contract
 from components.data import validate as validate_module
 from components.data.validate import ValidationReport, validate_data
 from components.errors import DataError
-from tests.validate_fixtures import (
+from tests.data.validate_fixtures import (
     clean_tables,
     insert_row,
     replace_bytes,

@@ -14,9 +14,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from components.config import FeaturesConfig, FinetuneConfig, Params, SplitConfig
-from components.data.clicklog import hot_queries, leave_one_out_texts, split_days
-from components.errors import DataError
+from components.config import FeaturesConfig, FinetuneConfig, Params
+from components.data.clicklog import hot_queries, split_days
 from components.features.features import build_features
 from components.models.modeling import (
     AceBertForRetrieval,
@@ -74,36 +73,6 @@ _params = partial(make_params, (TINY_OVERRIDES, ACEBERT_ON_CPU))
 
 
 # ------------------------------------------------------------------------------ data
-
-
-def test_hot_queries_come_from_training_days_only():
-    rows = [  # (query, product, clicked, day)
-        *[("red dress", "p1", 1, 0)] * 3,
-        *[("dress", "p1", 1, 1)] * 2,
-        ("blue dress", "p1", 1, 0),
-        ("zebra dress", "p1", 0, 1),  # shown, never clicked
-        *[("leaked query", "p1", 1, 2)] * 9,  # the test day: most clicks of all
-        ("cap", "p2", 1, 2),
-    ]
-    impressions = pd.DataFrame(rows, columns=["query", "product_id", "clicked", "day"])
-    periods = split_days(impressions, SplitConfig(test_days=1, val_days=0, train_days=0))
-    train, test = periods.train, periods.test
-    assert set(test.day) == {2} and set(train.day) == {0, 1}
-    hot = hot_queries(train, k=2)
-    assert hot == {"p1": ["red dress", "dress"]}  # by clicks; p2 was clicked only on the test day
-    assert hot_queries(train, k=10)["p1"] == ["red dress", "dress", "blue dress"]
-    # The split is what keeps it out: counted over the whole log it would be first.
-    assert hot_queries(impressions, 10)["p1"][0] == "leaked query"
-    # A training window of one day keeps only the day before the test period.
-    window = split_days(impressions, SplitConfig(test_days=1, val_days=0, train_days=1))
-    assert set(window.train.day) == {1} and window.test.equals(test)
-    assert hot_queries(window.train, k=10) == {"p1": ["dress"]}
-    # With a validation day, it is neither trained on nor tested: day 1 validates.
-    validated = split_days(impressions, SplitConfig(test_days=1, val_days=1, train_days=0))
-    assert set(validated.train.day) == {0} and set(validated.val.day) == {1}
-    assert hot_queries(validated.train, k=10) == {"p1": ["red dress", "blue dress"]}
-    with pytest.raises(DataError, match="too few"):
-        split_days(impressions, SplitConfig(test_days=1, val_days=2))
 
 
 def test_pipeline_hot_queries_never_contain_a_later_query(world: Path, tiny_world: Path):
@@ -461,26 +430,6 @@ def test_student_layers_are_evenly_spaced_teacher_layers():
                 source = key.replace(f"layer.{i}.", f"layer.{kept}.", 1)
                 assert torch.equal(ours[key], theirs[source]), key
     assert torch.equal(ours["query_projection.weight"], theirs["query_projection.weight"])
-
-
-def test_training_product_text_leaves_the_pairs_own_query_out():
-    hot = {"p1": ["red dress", "dress", "crimson gown"], "p2": ["cap"]}
-    pairs = (
-        ["p1", "p2"],
-        ["Red Dress", "Blue Cap"],
-        hot,
-        np.array([0, 0, 1]),
-        ["dress", "summer dress", "cap"],
-        "[SEP]",
-    )
-    texts = leave_one_out_texts(*pairs)
-    assert texts == [
-        "Red Dress [SEP] red dress [SEP] crimson gown",  # "dress" was this pair's query
-        "Red Dress [SEP] red dress [SEP] dress [SEP] crimson gown",  # not a hot query: all kept
-        "Blue Cap",
-    ]
-    cold = leave_one_out_texts(*pairs, np.array([False, True, False]))
-    assert cold == [texts[0], "Red Dress", "Blue Cap"]  # the cold pair reads its title alone
 
 
 def test_cold_product_rows_follow_the_share_and_the_step_alone():

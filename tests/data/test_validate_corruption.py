@@ -21,7 +21,7 @@ import pytest
 from components.config import ValidateConfig
 from components.data.validate import validate_data
 from components.errors import DataError
-from tests.validate_fixtures import clean_tables, write_tables
+from tests.data.validate_fixtures import clean_tables, write_tables
 
 HOSTILE_VALUES = [
     None,

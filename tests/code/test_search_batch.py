@@ -17,9 +17,9 @@ import pytest
 from components.errors import AceError
 from components.serving.search import RESULT_SCHEMA, search_file
 from components.serving.serving import UNKNOWN_WORDS
-from tests import test_gate
-from tests.conftest import ROOT
-from tests.test_gate import BIN, _params
+from tests.code import test_gate
+from tests.code.test_gate import BIN
+from tests.conftest import ROOT, trained_params
 
 # test_gate's module fixtures, used here by name: a tiny model trained, and registered as the
 # champion (max_rows_per_request 50) in a store of its own, once for this module.
@@ -80,7 +80,7 @@ def test_a_file_is_searched_in_batches_as_one_query_at_a_time(
     suffix, champion, world, tiny_world, queries, one_at_a_time, tmp_path
 ):
     _, bundle = champion
-    params = _params(world, tiny_world)
+    params = trained_params(world, tiny_world)
     rng = np.random.default_rng(len(suffix))
     texts = [*queries[:-2], "red, dress", queries[-1]]
     # Per-row k in .csv and .parquet, some rows without one (they get --k, 7).
@@ -165,7 +165,7 @@ def test_a_bad_file_is_one_error_line_and_writes_nothing(
     out = folder / "results.parquet"
     out.write_bytes(b"an earlier result")
     with pytest.raises(AceError) as caught:
-        search_file(_params(world, tiny_world), str(bundle), source, 5, out, progress=False)
+        search_file(trained_params(world, tiny_world), str(bundle), source, 5, out, progress=False)
     message = str(caught.value)
     assert message.startswith(f"{source}{says}") and "\n" not in message
     assert out.read_bytes() == b"an earlier result"  # left as it was, and nothing beside it
@@ -187,7 +187,9 @@ def test_a_bad_parquet_names_the_row(frame, says, champion, world, tiny_world, t
     source = tmp_path / "queries.parquet"
     frame.to_parquet(source, index=False)
     with pytest.raises(AceError, match=f"^{re.escape(str(source) + says)}"):
-        search_file(_params(world, tiny_world), str(bundle), source, 5, tmp_path / "r.parquet")
+        search_file(
+            trained_params(world, tiny_world), str(bundle), source, 5, tmp_path / "r.parquet"
+        )
     assert not (tmp_path / "r.parquet").exists()
 
 

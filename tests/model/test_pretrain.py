@@ -14,8 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from components.config import FeaturesConfig, SplitConfig
-from components.data.clicklog import split_days
+from components.config import FeaturesConfig
 from components.features.features import FeatureStore, build_features
 from components.models.modeling import CeBertModel
 from components.models.tokenizer import SPECIAL_TOKENS, train_wordpiece
@@ -93,37 +92,6 @@ def test_vocabulary_is_deterministic_and_keeps_bert_special_ids(tiny_world: Path
     ids = tokenizer("Red  STRIPED shirt")["input_ids"]
     assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
     assert tokenizer.tokenize("Red STRIPED") == tokenizer.tokenize("red striped")
-
-
-def test_vocabulary_never_sees_validation_or_test_day_queries(tiny_world: Path):
-    products = pd.DataFrame({"product_id": ["a", "b"], "title": ["red chair", "blue shirt"]})
-    impressions = pd.DataFrame(
-        {"query": ["quokka lamp", "red chair", "okapi rug", "zanzibar sofa"], "day": [0, 1, 2, 3]}
-    )
-    split = SplitConfig(test_days=1, val_days=1, train_days=0)
-    texts = training_texts(products, split_days(impressions, split).train)
-    assert "quokka lamp" in texts and "okapi rug" not in texts and "zanzibar sofa" not in texts
-    vocab = train_wordpiece(texts, 200).get_vocab()
-    assert "quokka" in vocab and "okapi" not in vocab and "zanzibar" not in vocab
-
-    # On the tiny world, with room for every word: words first searched on the validation or
-    # test days (typos) stay out.
-    products = products_of(tiny_world)
-    impressions = pd.read_parquet(tiny_world / "impressions.parquet")
-    periods = split_days(impressions, split)
-
-    def words(texts) -> set[str]:
-        return {w for t in texts for w in t.lower().split() if w.isalnum()}
-
-    seen = words(training_texts(products, periods.train))
-    late = pd.concat([periods.val, periods.test])["query"]
-    only_late = words(late) - seen
-    assert only_late, "the tiny world should have words only searched late (typos)"
-    vocab = set(train_wordpiece(training_texts(products, periods.train), 8000).get_vocab())
-    assert seen <= vocab and not only_late & vocab
-    # The control: had the later days been trained on, their words would be tokens.
-    leaky = train_wordpiece(training_texts(products, impressions), 8000)
-    assert only_late <= set(leaky.get_vocab())
 
 
 def products_of(data_dir: Path) -> pd.DataFrame:
