@@ -43,6 +43,9 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-S", help="Override a param, e.g. -S synth.scale=tiny (repeatable)."),
 ]
+DvcOption = Annotated[
+    bool, typer.Option(help="Record the new data version with `dvc add` (when data.dvc exists).")
+]
 
 
 def _parse_overrides(pairs: list[str] | None) -> dict[str, object]:
@@ -99,10 +102,7 @@ def data_append(
         typer.Option(help="season | new_category | query_mix | clicks (repeatable; default none)."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Stream of the new searches.")] = None,
-    dvc: Annotated[
-        bool,
-        typer.Option(help="Record the new data version with `dvc add` (when data.dvc exists)."),
-    ] = True,
+    dvc: DvcOption = True,
     params_file: ParamsOption = PARAMS_FILE,
     set_: SetOption = None,
 ) -> None:
@@ -180,10 +180,7 @@ def data_import(
     out: Annotated[
         Path | None, typer.Option(help="Data folder to write (default: params paths.data_dir).")
     ] = None,
-    dvc: Annotated[
-        bool,
-        typer.Option(help="Record the new data version with `dvc add` (when data.dvc exists)."),
-    ] = True,
+    dvc: DvcOption = True,
     params_file: ParamsOption = PARAMS_FILE,
     set_: SetOption = None,
 ) -> None:

@@ -40,6 +40,7 @@ Where the paper is vague, this is what we chose:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -318,21 +319,11 @@ def make_trainer(
 ) -> Trainer:
     """The one Trainer, scheduled by the `finetune` params."""
     cfg = params.finetune
-    schedule = Schedule(
-        name="finetune",
-        total_steps=task.total_steps,
-        learning_rate=cfg.learning_rate,
-        head_learning_rate=cfg.head_learning_rate,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps,
-        grad_clip=cfg.grad_clip,
-        seed=cfg.seed,
-        dropout_stream=_DROPOUT,
-        checkpoint_every=cfg.checkpoint_every,
+    schedule = dataclasses.replace(
+        Schedule.of_section("finetune", cfg, task.total_steps, _DROPOUT),
         eval_every=cfg.eval_every if task.validation is not None else 0,
         patience=cfg.patience,
         select_metric=cfg.select_metric,
-        precision=cfg.precision,
     )
     # log_step is looked up here at call time, so a caller can intercept the records.
     return Trainer(

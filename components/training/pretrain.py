@@ -372,19 +372,7 @@ def pretrain(
         _dataset(ids, titles, store, model_cfg, tokenizer, cfg) for ids in (train_ids, eval_ids)
     )
     task = PretrainTask(model, train_set, cfg, device)
-    schedule = Schedule(
-        name="pretrain",
-        total_steps=task.total_steps,
-        learning_rate=cfg.learning_rate,
-        head_learning_rate=cfg.head_learning_rate,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps,
-        grad_clip=cfg.grad_clip,
-        seed=cfg.seed,
-        dropout_stream=_DROPOUT,
-        checkpoint_every=cfg.checkpoint_every,
-        precision=cfg.precision,
-    )
+    schedule = Schedule.of_section("pretrain", cfg, task.total_steps, _DROPOUT)
     trainer = Trainer(
         model,
         task,

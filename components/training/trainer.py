@@ -41,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
+from components.config import FinetuneConfig, PretrainConfig
 from components.training import checkpoints, distributed
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,25 @@ class Schedule:
     select_metric: str = ""  # the validation figure that picks the best checkpoint
     log_every: int = 50  # a progress line in the log every N steps
     precision: str = "fp32"  # fp32 | bf16 (CUDA only) | auto (bf16 on CUDA, else fp32)
+
+    @classmethod
+    def of_section(
+        cls, name: str, cfg: PretrainConfig | FinetuneConfig, total_steps: int, dropout_stream: int
+    ) -> Schedule:
+        """The schedule a training section of params.yaml (pretrain, finetune) describes."""
+        return cls(
+            name=name,
+            total_steps=total_steps,
+            learning_rate=cfg.learning_rate,
+            head_learning_rate=cfg.head_learning_rate,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps,
+            grad_clip=cfg.grad_clip,
+            seed=cfg.seed,
+            dropout_stream=dropout_stream,
+            checkpoint_every=cfg.checkpoint_every,
+            precision=cfg.precision,
+        )
 
 
 class TrainingTask:
