@@ -56,7 +56,7 @@ def code_files(modules: tuple[str, ...], root: Path = _ROOT) -> list[str]:
     todo = list(modules)
     while todo:
         module = todo.pop()
-        path = _source(module, root)
+        path = source_file(module, root)
         if module in seen or path is None:
             continue
         seen.add(module)
@@ -66,12 +66,12 @@ def code_files(modules: tuple[str, ...], root: Path = _ROOT) -> list[str]:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 todo.append(node.module)  # from components.x import y
                 todo += [f"{node.module}.{alias.name}" for alias in node.names]  # a submodule
-    files = {_source(m, root) for m in seen if m.split(".")[0] == "components"}
+    files = {source_file(m, root) for m in seen if m.split(".")[0] == "components"}
     # An empty __init__.py is no code; one that defines names is.
     return sorted(str(f.relative_to(root)) for f in files if f and f.stat().st_size > 0)
 
 
-def _source(module: str, root: Path) -> Path | None:
+def source_file(module: str, root: Path = _ROOT) -> Path | None:
     """The file of a module (`a/b.py`) or package (`a/b/__init__.py`) under root, if any."""
     stem = root / module.replace(".", "/")
     for path in (stem.with_suffix(".py"), stem / "__init__.py"):

@@ -17,7 +17,14 @@ from mlflow.tracking import MlflowClient
 
 from components.config import ConfigError, Params, load_params
 from components.ops import tracking
-from components.stages import CHARTS, STAGES, get_stage, render_dvc_yaml, run_stage
+from components.stages import (
+    CHARTS,
+    STAGES,
+    get_stage,
+    render_dvc_yaml,
+    run_stage,
+    source_file,
+)
 from tests.conftest import ROOT, TINY_OVERRIDES
 
 BIN = Path(sys.executable).parent
@@ -40,7 +47,7 @@ def test_every_stage_reads_existing_sections_and_code(repo_params: Params):
                 assert key in node, f"{stage.name}: {name}"
                 node = node[key]
         for module in stage.modules:
-            assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{stage.name}: {module}"
+            assert source_file(module) is not None, f"{stage.name}: {module}"
     assert STAGES[0].name == "validate"
 
 
