@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.atomic import publish_dir
+from components.training import distributed
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +104,19 @@ def keep_finished(out_dir: Path, finished: Path, keep: int = KEEP_FINISHED) -> N
     runs = sorted(finished.parent.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in runs[keep:]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def reuse_finished(
+    finished: Path, out_dir: Path, summary: str, stage: str, started: float
+) -> dict[str, float] | None:
+    """The metrics of a run of the same inputs and settings that already finished (its folder
+    `finished` copied to `out_dir`), or None when there is none. Ranks other than 0 get {}:
+    only rank 0 writes."""
+    if not (finished / summary).exists():
+        return None
+    if not distributed.is_main():
+        return {}
+    log.info("%s of these inputs and settings already finished: reusing %s", stage, finished)
+    replace_tree(finished, out_dir)
+    metrics = json.loads((out_dir / summary).read_text(encoding="utf-8"))["metrics"]
+    return {**metrics, "reused": 1.0, "seconds": time.perf_counter() - started}

@@ -176,13 +176,10 @@ def finetune(
     validation = period_evaluators(params, periods, catalogue.product_ids).get("val")
     fingerprint = _fingerprint(params, pretrained, pairs, catalogue, validation)
     finished = work_dir / FINISHED_DIR / fingerprint
-    if (finished / MODEL_DIR / SUMMARY).exists():
-        if not distributed.is_main():
-            return {}
-        log.info("fine-tuning of these inputs and settings already finished: reusing %s", finished)
-        checkpoints.replace_tree(finished, out_dir)
-        summary = json.loads((out_dir / MODEL_DIR / SUMMARY).read_text(encoding="utf-8"))
-        return {**summary["metrics"], "reused": 1.0, "seconds": time.perf_counter() - start}
+    summary = f"{MODEL_DIR}/{SUMMARY}"
+    reused = checkpoints.reuse_finished(finished, out_dir, summary, "fine-tuning", start)
+    if reused is not None:
+        return reused
 
     checkpoint_root = work_dir / CHECKPOINTS_DIR
     checkpoint = checkpoints.latest(checkpoint_root, fingerprint)

@@ -336,13 +336,10 @@ def pretrain(
     products = products[products.product_id.isin(store.row_of)]  # failed images are not in it
     fingerprint = _fingerprint(params, products, impressions, store)
     finished = work_dir / FINISHED_DIR / fingerprint
-    if (finished / MODEL_DIR / SUMMARY).exists():
-        if not distributed.is_main():
-            return {}
-        log.info("pre-training of these inputs and settings already finished: reusing %s", finished)
-        checkpoints.replace_tree(finished, out_dir)
-        summary = json.loads((out_dir / MODEL_DIR / SUMMARY).read_text(encoding="utf-8"))
-        return {**summary["metrics"], "reused": 1.0, "seconds": time.perf_counter() - start}
+    summary = f"{MODEL_DIR}/{SUMMARY}"
+    reused = checkpoints.reuse_finished(finished, out_dir, summary, "pre-training", start)
+    if reused is not None:
+        return reused
     train_ids, eval_ids = split_products(list(products.product_id), cfg.eval_share, cfg.seed)
 
     checkpoint_root = work_dir / CHECKPOINTS_DIR
