@@ -28,6 +28,9 @@ from components.training.finetune import finetune
 from components.training.pretrain import pretrain
 from tests.conftest import TRAINED_FEATURES, trained_params
 
+# Trains a model first (about a minute on one thread): not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 COLOUR_NAMES = [c.name for c in COLOURS]
 PRETRAINED_SMALL = {
     **TRAINED_FEATURES,
