@@ -78,6 +78,8 @@ def data_sizes(project: Path) -> dict[str, int]:
         "validate": ("products_kept", "impressions_kept"),
         "finetune": ("n_pairs", "steps_trained"),
         "pretrain": ("n_train_products", "steps"),
+        "baselines": ("st_finetune_pairs", "st_finetune_steps"),
+        "distill": ("texts",),
     }.items():
         path = project / "metrics" / f"{stage}.json"
         if path.exists():
@@ -86,7 +88,9 @@ def data_sizes(project: Path) -> dict[str, int]:
     return sizes
 
 
-def measure(project: Path, scale: str, overrides: list[str]) -> dict[str, object]:
+def measure(project: Path, scale: str, overrides: list[str], out: Path) -> dict[str, object]:
+    """Runs the world and every stage; `out` is rewritten after each, so a run stopped part
+    way keeps the stages it finished."""
     ace = str(Path(sys.executable).with_name("ace"))
     sets = [arg for item in overrides for arg in ("-S", item)]
     log = RESULTS / f"scale_{scale}.log"
@@ -97,21 +101,24 @@ def measure(project: Path, scale: str, overrides: list[str]) -> dict[str, object
     stages = [line.split()[0] for line in stages if line.strip()]
     steps = [("world", [ace, "data", "synth", "--scale", scale, *sets])]
     steps += [(name, [ace, "stage", "run", name, *sets]) for name in stages]
-    rows = []
+    rows: list[dict[str, object]] = []
+    result: dict[str, object] = {}
     for name, command in steps:
         seconds, peak, status = run_measured(command, project, log)
         rows.append({"stage": name, "seconds": round(seconds, 1), "peak_gib": peak / GIB})
         print(f"{name:<10} {seconds:>9.1f} s {peak / GIB:>7.2f} GiB", flush=True)
+        result = {
+            "scale": scale,
+            "overrides": overrides,
+            "cpus": os.cpu_count(),
+            "stages": rows,
+            "sizes": data_sizes(project),
+            "total_seconds": round(sum(float(r["seconds"]) for r in rows), 1),
+        }
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         if status != 0:
             sys.exit(f"{name} failed (exit {status}); its output is in {log}")
-    return {
-        "scale": scale,
-        "overrides": overrides,
-        "cpus": os.cpu_count(),
-        "stages": rows,
-        "sizes": data_sizes(project),
-        "total_seconds": round(sum(r["seconds"] for r in rows), 1),
-    }
+    return result
 
 
 def compare(small: dict, large: dict) -> None:
@@ -149,9 +156,8 @@ def main() -> None:
         compare(small, large)
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = measure(args.project.resolve(), args.scale, args.overrides)
     out = RESULTS / f"scale_{args.scale}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    result = measure(args.project.resolve(), args.scale, args.overrides, out)
     print(f"total {result['total_seconds']:.0f} s; wrote {out}")
 
 

@@ -440,6 +440,7 @@ class BaselinesConfig(_Section):
     learning_rate: float = Field(default=5e-5, gt=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     epochs: int = Field(default=1, ge=1)
+    max_steps: int = Field(default=0, ge=0)  # 0: run `epochs`
     seed: int = 13
     device: str = "auto"
 

@@ -76,6 +76,7 @@ TINY_OVERRIDES: dict[str, object] = {
     "finetune.warmup_steps": 2,
     "finetune.adversarial.classifier_hidden": 8,
     "evaluate.map_points": 60,
+    "baselines.max_steps": 3,
 }
 
 

@@ -111,7 +111,7 @@ def run_baselines(params: Params, out_dir: Path, progress: bool = True) -> dict[
     score("st_zeroshot_title", _st_ranker(model, product_ids, titles, params, progress))
     score("st_zeroshot_hot", _st_ranker(model, product_ids, with_hot, params, progress))
     out_dir = Path(out_dir)
-    train_seconds = _finetune(
+    training = _finetune(
         model, periods.train, product_ids, titles, hot, cfg, out_dir / FINETUNED_DIR, progress
     )
     score("st_finetuned", _st_ranker(model, product_ids, with_hot, params, progress))
@@ -122,7 +122,7 @@ def run_baselines(params: Params, out_dir: Path, progress: bool = True) -> dict[
         "recall_curves": curves,
     }
     (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    metrics.update(st_finetune_seconds=train_seconds, seconds=time.perf_counter() - start)
+    metrics.update(training, seconds=time.perf_counter() - start)
     return metrics
 
 
@@ -153,8 +153,9 @@ def _finetune(
     cfg: BaselinesConfig,
     out_dir: Path,
     progress: bool,
-) -> float:
-    """MultipleNegativesRankingLoss on the training pairs (own query left out); saves the model."""
+) -> dict[str, float]:
+    """MultipleNegativesRankingLoss on the training pairs (own query left out); saves the model.
+    Returns its seconds, steps and pairs."""
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformerTrainer,
@@ -174,6 +175,7 @@ def _finetune(
         args = SentenceTransformerTrainingArguments(
             output_dir=scratch,
             num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps or -1,  # transformers: -1 = run the epochs
             per_device_train_batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate,
             warmup_ratio=cfg.warmup_ratio,
@@ -187,7 +189,12 @@ def _finetune(
             disable_tqdm=not progress,
         )
         loss = MultipleNegativesRankingLoss(model, scale=20.0)
-        SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss).train()
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss)
+        trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
     model.save_pretrained(str(out_dir))
-    return time.perf_counter() - start
+    return {
+        "st_finetune_seconds": time.perf_counter() - start,
+        "st_finetune_steps": float(trainer.state.global_step),
+        "st_finetune_pairs": float(len(queries)),
+    }

@@ -254,6 +254,10 @@ def test_prefect_flow_runs_stages_nested_under_one_pipeline_run(
             logs = prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])))
     assert set(results) == {s.name for s in STAGES}
     assert results["validate"]["products_kept"] > 0
+    # The fine-tuned baseline stops at its step cap, short of its epoch.
+    baselines = results["baselines"]
+    assert baselines["st_finetune_steps"] == TINY_OVERRIDES["baselines.max_steps"]
+    assert baselines["st_finetune_pairs"] > 3 * tiny_params.baselines.batch_size
 
     # The Prefect UI's view: progress lines in the tasks' logs, figures as artifacts.
     progress = [log for log in logs if log.name == "components.features.features"]
