@@ -9,7 +9,9 @@
 DIR is a project checkout (a fresh clone: its data/ and artifacts/ are overwritten). The world is
 generated with `ace data synth --scale S`, then each stage of the registry runs in its own
 `ace stage run NAME` process with the given overrides, as `dvc repro` would run it. A thread
-samples the resident memory of the stage's process tree every 0.2 s: the peak is the largest sum.
+samples the resident memory of the stage's process tree every 0.2 s: the peak is the largest sum,
+and the peak of its anonymous part (resident minus the file pages it maps: the feature store is
+memory-mapped, so a stage that reads it all shows the store's size as resident).
 Writes benchmarks/results/scale_<S>.json and prints a table.
 
 `--compare A B` prints, per stage, B's seconds and peak memory over A's beside the data's growth
@@ -35,18 +37,23 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 GIB = 1024**3
 
 
-def tree_rss(process: psutil.Process) -> int:
-    """Resident bytes of a process and all its children (worker pools, dataloaders)."""
-    total = 0
+def tree_memory(process: psutil.Process) -> tuple[int, int]:
+    """Resident and anonymous resident bytes of a process and all its children (worker pools,
+    dataloaders). Anonymous memory is what the process holds; the rest of its resident pages
+    are files it maps (the feature store), which the kernel can drop and reread."""
+    resident = anonymous = 0
     for proc in [process, *process.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):  # a child that has just exited
-            total += proc.memory_info().rss
-    return total
+            info = proc.memory_info()
+            resident += info.rss
+            anonymous += info.rss - info.shared
+    return resident, anonymous
 
 
-def run_measured(command: list[str], cwd: Path, log: Path) -> tuple[float, int, int]:
-    """Wall seconds, peak tree RSS and exit status of one command, its output into `log`."""
-    peak = 0
+def run_measured(command: list[str], cwd: Path, log: Path) -> tuple[float, int, int, int]:
+    """Wall seconds, peak tree resident and anonymous bytes and exit status of one command,
+    its output into `log`."""
+    peak = peak_anonymous = 0
     with log.open("ab") as out:
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
@@ -54,12 +61,13 @@ def run_measured(command: list[str], cwd: Path, log: Path) -> tuple[float, int, 
         done = threading.Event()
 
         def sample() -> None:
-            nonlocal peak
+            nonlocal peak, peak_anonymous
             while not done.is_set():
                 try:
-                    peak = max(peak, tree_rss(process))
+                    resident, anonymous = tree_memory(process)
                 except psutil.Error:
                     return
+                peak, peak_anonymous = max(peak, resident), max(peak_anonymous, anonymous)
                 done.wait(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -68,7 +76,7 @@ def run_measured(command: list[str], cwd: Path, log: Path) -> tuple[float, int, 
         seconds = time.perf_counter() - start
         done.set()
         sampler.join()
-    return seconds, peak, status
+    return seconds, peak, peak_anonymous, status
 
 
 def data_sizes(project: Path) -> dict[str, int]:
@@ -104,9 +112,20 @@ def measure(project: Path, scale: str, overrides: list[str], out: Path) -> dict[
     rows: list[dict[str, object]] = []
     result: dict[str, object] = {}
     for name, command in steps:
-        seconds, peak, status = run_measured(command, project, log)
-        rows.append({"stage": name, "seconds": round(seconds, 1), "peak_gib": peak / GIB})
-        print(f"{name:<10} {seconds:>9.1f} s {peak / GIB:>7.2f} GiB", flush=True)
+        seconds, peak, anonymous, status = run_measured(command, project, log)
+        rows.append(
+            {
+                "stage": name,
+                "seconds": round(seconds, 1),
+                "peak_gib": peak / GIB,
+                "peak_anonymous_gib": anonymous / GIB,
+            }
+        )
+        print(
+            f"{name:<10} {seconds:>9.1f} s {peak / GIB:>7.2f} GiB"
+            f" ({anonymous / GIB:.2f} anonymous)",
+            flush=True,
+        )
         result = {
             "scale": scale,
             "overrides": overrides,
@@ -130,7 +149,7 @@ def compare(small: dict, large: dict) -> None:
     print(f"{large['scale']} over {small['scale']}, the data grew:")
     for key, factor in growth.items():
         print(f"  {key:<28} x{factor:,.1f}")
-    print(f"{'stage':<10} {'seconds':>18} {'x':>7} {'peak GiB':>14} {'x':>6}")
+    print(f"{'stage':<10} {'seconds':>18} {'x':>7} {'peak GiB':>14} {'x':>6} {'anon GiB':>14}")
     before = {row["stage"]: row for row in small["stages"]}
     for row in large["stages"]:
         ref = before.get(row["stage"])
@@ -138,9 +157,14 @@ def compare(small: dict, large: dict) -> None:
             continue
         time_x = row["seconds"] / max(ref["seconds"], 1e-9)
         mem_x = row["peak_gib"] / max(ref["peak_gib"], 1e-9)
+        anon = (
+            f" {ref['peak_anonymous_gib']:>6.2f} {row['peak_anonymous_gib']:>7.2f}"
+            if "peak_anonymous_gib" in ref and "peak_anonymous_gib" in row
+            else ""
+        )
         print(
             f"{row['stage']:<10} {ref['seconds']:>8.0f} {row['seconds']:>9.0f} {time_x:>7.1f}"
-            f" {ref['peak_gib']:>6.2f} {row['peak_gib']:>7.2f} {mem_x:>6.1f}"
+            f" {ref['peak_gib']:>6.2f} {row['peak_gib']:>7.2f} {mem_x:>6.1f}{anon}"
         )
 
 
