@@ -27,8 +27,9 @@ Where the paper is vague, this is what we chose:
   over training). Instruments: the adversarial / main gradient ratio at the embeddings (every
   `log_every` steps), and at every validation the held-out classifier's accuracy and AUC, the
   distance between the query and product centroids and a fresh linear probe's accuracy.
-- Early stopping (4.4.1 "either early stop"): every `eval_every` steps the towers are scored on
-  the validation days by the one evaluator (exact search); the best checkpoint by
+- Early stopping (4.4.1 "either early stop"): every `eval_every` steps (at most
+  `evals_per_epoch` times an epoch) the towers are scored on the validation days by the one
+  evaluator (exact search); the best checkpoint by
   `select_metric` is kept and training stops after `patience` evaluations without improvement.
 - Each tower mean-pools the encoder's states through its own projection
   (modeling.AceBertForRetrieval), both projections starting equal; the encoder weights are
@@ -318,7 +319,9 @@ def make_trainer(
     cfg = params.finetune
     schedule = dataclasses.replace(
         Schedule.of_section("finetune", cfg, task.total_steps, _DROPOUT),
-        eval_every=cfg.eval_every if task.validation is not None else 0,
+        eval_every=validation_interval(cfg.eval_every, cfg.evals_per_epoch, task.steps_per_epoch)
+        if task.validation is not None
+        else 0,
         patience=cfg.patience,
         select_metric=cfg.select_metric,
     )
@@ -334,6 +337,16 @@ def make_trainer(
         is_head=is_new_layer,
         on_step=lambda step, record: log_step(step, record),
     )
+
+
+def validation_interval(eval_every: int, evals_per_epoch: int, steps_per_epoch: int) -> int:
+    """Steps between validations: `eval_every`, widened so that an epoch holds at most
+    `evals_per_epoch` of them. Each validation encodes the whole catalogue; with a fixed interval
+    their number grows with the training pairs and the cost of each with the products, so on a
+    larger world validation would outgrow training (docs/scale.md)."""
+    if not eval_every or not evals_per_epoch:
+        return eval_every
+    return max(eval_every, math.ceil(steps_per_epoch / evals_per_epoch))
 
 
 class FinetuneTask(TrainingTask):

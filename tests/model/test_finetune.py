@@ -269,6 +269,16 @@ def _trainer(params: Params) -> tuple[AceBertForRetrieval, Trainer]:
     return model, ft.make_trainer(model, task, params, cpu, tokenizer)
 
 
+def test_validation_interval_bounds_validations_per_epoch():
+    # The demo world's epoch (143 steps) keeps the configured interval ...
+    assert ft.validation_interval(50, 4, 143) == 50
+    # ... a 7x larger click log widens it: still at most 4 validations an epoch, not 20.
+    interval = ft.validation_interval(50, 4, 994)
+    assert interval == 249 and 994 // interval <= 4
+    assert ft.validation_interval(50, 0, 994) == 50  # no limit
+    assert ft.validation_interval(0, 4, 994) == 0  # never validate stays never
+
+
 def test_domain_loss_is_the_papers_cross_entropy():
     classifier = torch.nn.Linear(3, 1)
     q, p = torch.randn(5, 3), torch.randn(4, 3)
