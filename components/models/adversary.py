@@ -88,7 +88,8 @@ class Adversary:
 
     def observe(self, queries: torch.Tensor, products: torch.Tensor) -> None:
         """Keep a tower step's embeddings (detached) for D's next update."""
-        self.pending.append((queries.detach(), products.detach()))
+        # fp32: the classifier's own update runs outside the towers' bf16 autocast.
+        self.pending.append((queries.detach().float(), products.detach().float()))
 
     def due(self) -> bool:
         needed = self.cfg.tower_steps if self.cfg.method == "alternating" else 1

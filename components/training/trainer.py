@@ -21,7 +21,7 @@ owns everything else, once:
 on
   the whole global batch (gathering embeddings from every rank), gradients are averaged across
   ranks, and only rank 0 logs, evaluates and writes;
-- mixed precision: bf16 autocast on CUDA when `precision` says so; fp32 on CPU.
+- mixed precision: bf16 autocast when `precision` is bf16, or auto on CUDA; fp32 otherwise.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Schedule:
     patience: int = 0  # 0: never stop early
     select_metric: str = ""  # the validation figure that picks the best checkpoint
     log_every: int = 50  # a progress line in the log every N steps
-    precision: str = "fp32"  # fp32 | bf16 (CUDA only) | auto (bf16 on CUDA, else fp32)
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 on CUDA, else fp32)
 
     @classmethod
     def of_section(
@@ -309,10 +309,11 @@ class Trainer:
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        """bf16 autocast on CUDA when the schedule asks for it; fp32 otherwise."""
+        """bf16 autocast for `bf16` (any device: the CPU path is how the tests exercise it) and
+        for `auto` on CUDA; fp32 otherwise. Weights, optimiser states and gradients stay fp32."""
         wanted = self.schedule.precision
-        if self.device.type == "cuda" and wanted in ("bf16", "auto"):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        if wanted == "bf16" or (wanted == "auto" and self.device.type == "cuda"):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 yield
         else:
             yield

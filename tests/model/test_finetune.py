@@ -240,6 +240,20 @@ def test_an_adversary_of_weight_zero_trains_exactly_like_none(
             assert torch.equal(ours[key], value), key
 
 
+def test_bf16_autocast_trains_close_to_fp32_with_fp32_weights(world: Path, tiny_world: Path):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model, trainer = _trainer(_params(world, tiny_world, **{"finetune.precision": precision}))
+        with trainer.autocast():
+            loss, _, _ = trainer.task.loss(0)
+        assert loss.dtype == torch.float32  # Eq. 5 is computed in fp32 under autocast too
+        losses[precision] = [trainer.step(step)["loss"] for step in range(4)]
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights
+    fp32, bf16 = np.array(losses["fp32"]), np.array(losses["bf16"])
+    assert not np.array_equal(fp32, bf16)  # the bf16 run did compute in bf16 ...
+    np.testing.assert_allclose(bf16, fp32, rtol=0.05)  # ... and followed the same trajectory
+
+
 def _must_not_step(*args: object, **kwargs: object) -> None:
     raise AssertionError("the classifier's optimiser stepped during a tower step")
 
