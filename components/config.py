@@ -310,11 +310,9 @@ class FinetuneConfig(_Section):
     checkpoint_every: int = Field(default=200, ge=1)
     # Early stopping on the validation days: every `eval_every` steps (0: never) the towers are
     # scored there; the best checkpoint by `select_metric` is kept, and training stops after
-    # `patience` evaluations without improvement (0: never stops early). A validation encodes
-    # the whole catalogue, so the interval widens to keep at most `evals_per_epoch` per epoch
-    # (0: no limit): a fixed interval would make their cost grow as pairs x products.
+    # `patience` evaluations without improvement (0: never stops early).
     eval_every: int = Field(default=100, ge=0)
-    evals_per_epoch: int = Field(default=4, ge=0)
+    evals_per_epoch: int = Field(default=4, ge=0)  # 0: no limit (finetune.validation_interval)
     patience: int = Field(default=3, ge=0)
     select_metric: Literal["gauc", "recall_at_10", "recall_at_50", "recall_at_100", "mrr"] = (
         "recall_at_100"
