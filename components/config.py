@@ -332,7 +332,7 @@ class DistillConfig(_Section):
     batch_size: int = Field(default=128, ge=2)
     learning_rate: float = Field(default=5e-4, gt=0)
     warmup_steps: int = Field(default=20, ge=0)
-    epochs: int = Field(default=8, ge=1)
+    epochs: int = Field(default=4, ge=1)
     seed: int = 13
     device: str = "auto"
     # bf16 autocast on CUDA (auto or bf16); fp32 on CPU whatever this says.

@@ -3,7 +3,7 @@
 Only the query side is compressed, as the paper does: product embeddings are computed offline
 by the teacher and indexed, so their cost never reaches a search. Choices:
 
-- The student is the fine-tuned model with `layers` encoder layers (default half the teacher's),
+- The student is the fine-tuned model with `layers` encoder layers (0: half the teacher's),
   initialised from evenly spaced teacher layers that include the last one (4 -> 2 keeps layers
   1 and 3; DistilBERT keeps one of every two) and every other teacher weight.
 - Texts: the distinct queries of the training days (hot queries are among them) and, with
@@ -12,8 +12,9 @@ by the teacher and indexed, so their cost never reaches a search. Choices:
 - Loss: 1 - cos(student, teacher) per text, plus `retrieval_weight` times the KL divergence
   between the teacher's and the student's softmax over the whole catalogue's (frozen, teacher)
   product embeddings at temperature 1 / gamma: the student is taught to rank like the teacher.
-- The stage reports the student's Recall@100 on the test days next to the teacher's, both
-  against the teacher's product embeddings, so the ratio is the cost of compression alone.
+- The stage reports the student's Recall@100 on the test days (and the validation days,
+  `val_*`) next to the teacher's, both against the teacher's product embeddings, so the ratio is
+  the cost of compression alone.
 """
 
 from __future__ import annotations
@@ -183,25 +184,26 @@ def distill(params: Params, out_dir: Path, progress: bool = True) -> dict[str, f
     history = trainer.history
     student.eval()
 
-    # Recall on the test days against the teacher's product embeddings, both ranked the way they
-    # would serve (through an index of the served type): the ratio is the cost of compression.
-    evaluator = period_evaluators(params, periods, catalogue.product_ids)["test"]
+    # Recall against the teacher's product embeddings, both ranked the way they would serve
+    # (through an index of the served type): the ratio is the cost of compression. The test days
+    # are the figures the gate reads; the validation day's (`val_*`) choose distillation's settings.
     served_index = build_index(product_emb, params.index)
-    metrics: dict[str, float] = {}
-    for name, model in (("teacher", teacher), ("student", student)):
-
-        def encode(queries: list[str], model: AceBertForRetrieval = model) -> np.ndarray:
-            return embed_queries(model, tokenizer, queries, max_len, batch, device)
-
-        ranker = EmbeddingRanker(catalogue.product_ids, product_emb, encode, served_index)
-        figures = evaluator(ranker, exact=False)
-        metrics.update({f"{name}_{k}": v for k, v in figures.items() if k in REPORTED})
     recall = f"recall_at_{max(params.evaluate.ks)}"
-    metrics[f"student_over_teacher_{recall}"] = (
-        metrics[f"student_{recall}"] / metrics[f"teacher_{recall}"]
-        if metrics[f"teacher_{recall}"]
-        else 0.0
-    )
+    metrics: dict[str, float] = {}
+    for period, evaluator in period_evaluators(params, periods, catalogue.product_ids).items():
+        prefix = "" if period == "test" else f"{period}_"
+        for name, model in (("teacher", teacher), ("student", student)):
+
+            def encode(queries: list[str], model: AceBertForRetrieval = model) -> np.ndarray:
+                return embed_queries(model, tokenizer, queries, max_len, batch, device)
+
+            ranker = EmbeddingRanker(catalogue.product_ids, product_emb, encode, served_index)
+            figures = evaluator(ranker, exact=False)
+            metrics.update({f"{prefix}{name}_{k}": v for k, v in figures.items() if k in REPORTED})
+        teacher_recall = metrics[f"{prefix}teacher_{recall}"]
+        metrics[f"{prefix}student_over_teacher_{recall}"] = (
+            metrics[f"{prefix}student_{recall}"] / teacher_recall if teacher_recall else 0.0
+        )
     metrics.update(
         student_layers=float(layers),
         teacher_layers=float(teacher.config.num_hidden_layers),

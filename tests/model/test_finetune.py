@@ -411,6 +411,11 @@ def test_tiny_finetune_learns_resumes_and_evaluates(
     )
     assert last < 0.9 * first
     assert distilled["teacher_recall_at_100"] == pytest.approx(evaluated["recall_at_100"])
+    # The validation day's figures, which choose distillation's settings, are the teacher's too.
+    assert distilled["val_teacher_recall_at_100"] == pytest.approx(evaluated["val_recall_at_100"])
+    assert distilled["val_student_over_teacher_recall_at_100"] == pytest.approx(
+        distilled["val_student_recall_at_100"] / distilled["val_teacher_recall_at_100"]
+    )
     student = AceBertForRetrieval.from_pretrained(world / "distill" / "student")
     assert student.config.num_hidden_layers == 1
 
