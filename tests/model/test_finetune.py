@@ -254,6 +254,26 @@ def test_bf16_autocast_trains_close_to_fp32_with_fp32_weights(world: Path, tiny_
     np.testing.assert_allclose(bf16, fp32, rtol=0.05)  # ... and followed the same trajectory
 
 
+def test_product_embeddings_in_length_batches_equal_one_product_at_a_time(
+    world: Path, tiny_world: Path
+):
+    from components.retrieval.retrieval import embed_products, length_batches
+
+    model, trainer = _trainer(_params(world, tiny_world))
+    catalogue = trainer.task.catalogue
+    batches = length_batches(catalogue.text_ids, catalogue.pad_id, 16)
+    lengths = (catalogue.text_ids != catalogue.pad_id).sum(1)
+    assert sorted(np.concatenate(batches)) == list(range(len(catalogue)))  # every row once
+    assert [lengths[b].max() for b in batches] == sorted(lengths[b].max() for b in batches)[::-1]
+    assert len(set(lengths)) > 1  # the tiny world's products do differ in text length
+    batched = embed_products(model, catalogue, 16, torch.device("cpu"), progress=False)
+    model.eval()
+    with torch.no_grad():
+        for row in (0, len(catalogue) // 2, len(catalogue) - 1):  # in catalogue order
+            alone = model.encode_products(**catalogue.inputs(np.array([row])))[0].numpy()
+            np.testing.assert_allclose(batched[row], alone, atol=1e-5)
+
+
 def _must_not_step(*args: object, **kwargs: object) -> None:
     raise AssertionError("the classifier's optimiser stepped during a tower step")
 
