@@ -118,7 +118,7 @@ class FeaturesConfig(_Section):
     pixel_size: int = Field(default=224, ge=8)  # whole image resized to this square
     pixel_patch: int = Field(default=32, ge=1)  # side of one pixel token
     batch_size: int = Field(default=0, ge=0)  # crops per CNN batch; 0 = the backbone's default
-    variants: tuple[Literal["roi", "full"], ...] = ("roi", "full")
+    variants: tuple[Literal["roi", "full"], ...] = ("roi",)
     read_workers: int = Field(default=2, ge=1)
     samples_logged: int = Field(default=16, ge=0)
     roi: RoiConfig = RoiConfig()

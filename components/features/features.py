@@ -99,7 +99,14 @@ class FeatureStore:
         self.row_of: dict[str, int] = dict(zip(self.index.product_id, self.index.row, strict=True))
 
     def patches(self, variant: str) -> np.ndarray:
-        return np.load(self.root / patches_file(variant), mmap_mode="r")
+        path = self.root / patches_file(variant)
+        if not path.exists():
+            raise DataError(
+                f"{self.root}: no {variant!r} patches in this feature store (it has "
+                f"{', '.join(self.manifest.get('variants', []))}): run the features stage with "
+                f"-S 'features.variants=[roi,full]'"
+            )
+        return np.load(path, mmap_mode="r")
 
     def pixels(self) -> np.ndarray:
         return np.load(self.root / PIXELS, mmap_mode="r")

@@ -129,6 +129,9 @@ def test_rerun_reuses_rows_and_computes_only_new_or_changed(
     out = tmp_path / "features"
     first = build_features(products.head(8), data, out, FAST, progress=False)
     before = np.array(FeatureStore(out).patches("roi"))
+    # FashionBERT's whole-image patches are computed only when asked for; reading them says how.
+    with pytest.raises(DataError, match=r"no 'full' patches .* has roi\): run the features stage"):
+        FeatureStore(out).patches("full")
 
     again = build_features(products.head(8), data, out, FAST, progress=False)
     assert (again.n_reused, again.n_computed) == (8, 0)
