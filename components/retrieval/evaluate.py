@@ -46,9 +46,9 @@ from components.retrieval.retrieval import (
     PRODUCT_IDS,
     Catalogue,
     embed_products,
-    embed_queries,
     load_retriever,
     product_modality_weights,
+    query_encoder,
 )
 
 METRICS_FILE = "metrics.json"
@@ -74,9 +74,7 @@ def evaluate_retriever(params: Params, out_dir: Path, progress: bool = True) -> 
     product_emb = embed_products(model, catalogue, cfg.batch_size, device, progress)
     max_len = params.finetune.max_query_len
 
-    def encode(queries: list[str]) -> np.ndarray:
-        return embed_queries(model, tokenizer, queries, max_len, cfg.batch_size, device)
-
+    encode = query_encoder(model, tokenizer, max_len, cfg.batch_size, device)
     ranker = EmbeddingRanker(
         catalogue.product_ids, product_emb, encode, build_index(product_emb, params.index)
     )

@@ -205,6 +205,21 @@ def embed_queries(
     return np.concatenate(out) if out else np.zeros((0, model.config.embedding_dim), np.float32)
 
 
+def query_encoder(
+    model: AceBertForRetrieval,
+    tokenizer: BertTokenizerFast,
+    max_len: int,
+    batch_size: int,
+    device: torch.device,
+) -> Callable[[list[str]], np.ndarray]:
+    """The query tower as a ranker's `encode`: query strings -> L2-normalised embeddings."""
+
+    def encode(queries: list[str]) -> np.ndarray:
+        return embed_queries(model, tokenizer, queries, max_len, batch_size, device)
+
+    return encode
+
+
 def load_retriever(model_dir: Path) -> tuple[AceBertForRetrieval, BertTokenizerFast]:
     """A fine-tuned retriever and its tokenizer, as `finetune` saved them."""
     if not (Path(model_dir) / "config.json").exists():

@@ -34,7 +34,7 @@ from components.features.backbones import resolve_device
 from components.features.features import FeatureStore
 from components.models.modeling import AceBertForRetrieval
 from components.retrieval.ann import build_index
-from components.retrieval.evaluator import EmbeddingRanker, period_evaluators
+from components.retrieval.evaluator import PERIOD_PREFIX, EmbeddingRanker, period_evaluators
 from components.retrieval.retrieval import (
     HOT_QUERIES_FILE,
     PRODUCT_EMBEDDINGS,
@@ -43,6 +43,7 @@ from components.retrieval.retrieval import (
     embed_queries,
     encode_texts,
     load_retriever,
+    query_encoder,
     trim,
 )
 from components.training.trainer import Schedule, Trainer, TrainingTask, to_device
@@ -189,15 +190,20 @@ def distill(params: Params, out_dir: Path, progress: bool = True) -> dict[str, f
     # are the figures the gate reads; the validation day's (`val_*`) choose distillation's settings.
     served_index = build_index(product_emb, params.index)
     recall = f"recall_at_{max(params.evaluate.ks)}"
+
+    rankers = {
+        name: EmbeddingRanker(
+            catalogue.product_ids,
+            product_emb,
+            query_encoder(model, tokenizer, max_len, batch, device),
+            served_index,
+        )
+        for name, model in (("teacher", teacher), ("student", student))
+    }
     metrics: dict[str, float] = {}
     for period, evaluator in period_evaluators(params, periods, catalogue.product_ids).items():
-        prefix = "" if period == "test" else f"{period}_"
-        for name, model in (("teacher", teacher), ("student", student)):
-
-            def encode(queries: list[str], model: AceBertForRetrieval = model) -> np.ndarray:
-                return embed_queries(model, tokenizer, queries, max_len, batch, device)
-
-            ranker = EmbeddingRanker(catalogue.product_ids, product_emb, encode, served_index)
+        prefix = PERIOD_PREFIX[period]
+        for name, ranker in rankers.items():
             figures = evaluator(ranker, exact=False)
             metrics.update({f"{prefix}{name}_{k}": v for k, v in figures.items() if k in REPORTED})
         teacher_recall = metrics[f"{prefix}teacher_{recall}"]

@@ -83,8 +83,8 @@ from components.retrieval.retrieval import (
     HOT_QUERIES_FILE,
     Catalogue,
     embed_products,
-    embed_queries,
     encode_texts,
+    query_encoder,
     trim,
 )
 from components.training import checkpoints, distributed
@@ -492,11 +492,7 @@ class FinetuneTask(TrainingTask):
         model, tokenizer, cfg = self.model, self.tokenizer, self.cfg
         products = embed_products(model, self.catalogue, self.eval_batch, self.device, False)
 
-        def encode(queries: list[str]) -> np.ndarray:
-            return embed_queries(
-                model, tokenizer, queries, cfg.max_query_len, self.eval_batch, self.device
-            )
-
+        encode = query_encoder(model, tokenizer, cfg.max_query_len, self.eval_batch, self.device)
         ranker = EmbeddingRanker(self.catalogue.product_ids, products, encode)
         figures = self.validation(ranker, exact=False)
         record = {f"val_{k}": v for k, v in figures.items() if not k.endswith(("queries", "rows"))}
